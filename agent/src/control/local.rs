@@ -1,0 +1,202 @@
+//! Local mode: one YAML file describing workloads and the namespaces in the mesh.
+//!
+//! ```yaml
+//! meshNamespaces: [demo]
+//! workloads:
+//! - name: client
+//!   namespace: demo
+//!   serviceAccount: client
+//!   node: n1
+//!   ips: ["10.77.1.10", "fd00:77:1::10"]
+//!   netns: /run/netns/warren-n1-demo-client
+//!   cgroup: /sys/fs/cgroup/unified/warren-lab/n1/demo-client
+//! ```
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use serde::Deserialize;
+
+use crate::workload::Workload;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid: {source}")]
+    Parse { path: PathBuf, source: serde_yaml::Error },
+    #[error("config file {path}: {problem}")]
+    Invalid { path: PathBuf, problem: String },
+}
+
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct LocalConfigFile {
+    #[serde(default)]
+    mesh_namespaces: Vec<String>,
+    #[serde(default)]
+    workloads: Vec<WorkloadSpec>,
+}
+
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct WorkloadSpec {
+    name: String,
+    namespace: String,
+    #[serde(default = "default_service_account")]
+    service_account: String,
+    node: String,
+    #[serde(default)]
+    ips: Vec<IpAddr>,
+    netns: PathBuf,
+    #[serde(default)]
+    cgroup: Option<PathBuf>,
+}
+
+fn default_service_account() -> String {
+    "default".to_owned()
+}
+
+/// The validated contents of a local config file.
+#[derive(Debug, Clone)]
+pub struct LocalConfig {
+    pub mesh_namespaces: HashSet<String>,
+    pub workloads: Vec<Arc<Workload>>,
+}
+
+impl LocalConfig {
+    pub fn load(path: &Path) -> Result<Self, LocalConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| LocalConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, LocalConfigError> {
+        let file: LocalConfigFile = serde_yaml::from_str(text).map_err(|source| LocalConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        let invalid = |problem: String| LocalConfigError::Invalid {
+            path: path.to_owned(),
+            problem,
+        };
+        let mut names = HashSet::new();
+        let mut owners: HashMap<IpAddr, String> = HashMap::new();
+        let mut workloads = Vec::with_capacity(file.workloads.len());
+        for spec in file.workloads {
+            let id = format!("{}/{}", spec.namespace, spec.name);
+            for (field, value) in [("name", &spec.name), ("namespace", &spec.namespace), ("node", &spec.node)] {
+                if value.trim().is_empty() {
+                    return Err(invalid(format!("workload {id:?} has an empty `{field}`")));
+                }
+            }
+            if !names.insert(id.clone()) {
+                return Err(invalid(format!("workload {id} is listed twice")));
+            }
+            for ip in &spec.ips {
+                if let Some(other) = owners.insert(ip.to_canonical(), id.clone()) {
+                    return Err(invalid(format!("address {ip} is claimed by both {other} and {id}")));
+                }
+            }
+            workloads.push(Arc::new(Workload {
+                namespace: spec.namespace,
+                name: spec.name,
+                service_account: spec.service_account,
+                node: spec.node,
+                ips: spec.ips.into_iter().map(|ip| ip.to_canonical()).collect(),
+                netns: spec.netns,
+                cgroup: spec.cgroup,
+            }));
+        }
+        Ok(Self {
+            mesh_namespaces: file.mesh_namespaces.into_iter().collect(),
+            workloads,
+        })
+    }
+
+    pub fn is_enrolled(&self, workload: &Workload) -> bool {
+        self.mesh_namespaces.contains(&workload.namespace)
+    }
+
+    /// Workloads on `node` whose namespace is in the mesh: the pods this agent captures.
+    pub fn enrolled_on(&self, node: &str) -> Vec<Arc<Workload>> {
+        self.workloads
+            .iter()
+            .filter(|w| w.node == node && self.is_enrolled(w))
+            .cloned()
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+meshNamespaces: [demo]
+workloads:
+- name: client
+  namespace: demo
+  serviceAccount: client
+  node: n1
+  ips: ["10.77.1.10", "fd00:77:1::10"]
+  netns: /run/netns/warren-n1-demo-client
+  cgroup: /sys/fs/cgroup/unified/warren-lab/n1/demo-client
+- name: server
+  namespace: demo
+  node: n2
+  ips: ["10.77.2.10"]
+  netns: /run/netns/warren-n2-demo-server
+- name: client
+  namespace: legacy
+  node: n1
+  ips: ["10.77.1.12"]
+  netns: /run/netns/warren-n1-legacy-client
+"#;
+
+    fn parse(text: &str) -> Result<LocalConfig, LocalConfigError> {
+        LocalConfig::parse(text, Path::new("test.yaml"))
+    }
+
+    #[test]
+    fn selects_enrolled_workloads_of_this_node() {
+        let config = parse(SAMPLE).unwrap();
+        let n1: Vec<_> = config.enrolled_on("n1").iter().map(|w| w.to_string()).collect();
+        assert_eq!(n1, ["demo/client"]);
+        let n2: Vec<_> = config.enrolled_on("n2").iter().map(|w| w.to_string()).collect();
+        assert_eq!(n2, ["demo/server"]);
+        assert_eq!(config.workloads[1].service_account, "default");
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let err = parse("meshNamespace: [demo]\n").unwrap_err().to_string();
+        assert!(err.contains("meshNamespace"), "{err}");
+        assert!(err.contains("test.yaml"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_address_is_refused() {
+        let text = SAMPLE.replace("10.77.1.12", "10.77.1.10");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("10.77.1.10 is claimed by both demo/client and legacy/client"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_workload_is_refused() {
+        let text = format!("{SAMPLE}- name: client\n  namespace: demo\n  node: n1\n  netns: /x\n");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("demo/client is listed twice"), "{err}");
+    }
+
+    #[test]
+    fn bad_address_is_a_parse_error() {
+        let text = SAMPLE.replace("10.77.2.10", "10.77.2.300");
+        assert!(matches!(parse(&text), Err(LocalConfigError::Parse { .. })));
+    }
+}

@@ -1,0 +1,13 @@
+//! warren: a sidecarless service-mesh data plane. One agent per node captures the TCP
+//! traffic of every pod of an enrolled namespace (eBPF, or iptables as a fallback) and
+//! carries it through userspace proxies that live inside each pod's network namespace.
+#![deny(rust_2018_idioms)]
+
+pub mod agent;
+pub mod config;
+pub mod control;
+pub mod netns;
+pub mod proxy;
+pub mod redirect;
+pub mod socket;
+pub mod workload;

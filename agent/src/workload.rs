@@ -1,0 +1,46 @@
+//! The workload model: what the agent knows about pods, whatever the source (local file
+//! now, Kubernetes later).
+use std::{collections::HashMap, fmt, net::IpAddr, path::PathBuf, sync::Arc};
+
+/// A pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub namespace: String,
+    pub name: String,
+    pub service_account: String,
+    pub node: String,
+    pub ips: Vec<IpAddr>,
+    /// Path of the pod's network namespace (e.g. `/run/netns/<name>` or `/proc/<pid>/ns/net`).
+    pub netns: PathBuf,
+    /// The pod's cgroup v2 directory, when known.
+    pub cgroup: Option<PathBuf>,
+}
+
+impl fmt::Display for Workload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Every known workload, looked up by address.
+#[derive(Debug, Default, Clone)]
+pub struct WorkloadIndex {
+    by_ip: HashMap<IpAddr, Arc<Workload>>,
+}
+
+impl WorkloadIndex {
+    pub fn new(workloads: impl IntoIterator<Item = Arc<Workload>>) -> Self {
+        let mut by_ip = HashMap::new();
+        for workload in workloads {
+            for ip in &workload.ips {
+                by_ip.insert(*ip, workload.clone());
+            }
+        }
+        Self { by_ip }
+    }
+
+    /// The workload that owns `ip` (IPv4-mapped IPv6 addresses are treated as IPv4).
+    pub fn by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.by_ip.get(&ip.to_canonical())
+    }
+}

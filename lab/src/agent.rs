@@ -1,0 +1,160 @@
+//! Running a node's `warren agent`: in the node's netns and its own cgroup, detached
+//! (`setsid`), logging to `/run/warren-lab/<node>.log`, and ready once it logs
+//! [`READY_TEXT`].
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read as _, Seek as _, SeekFrom};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use nix::unistd::Pid;
+
+use crate::enter::{self, EnterOptions};
+use crate::options::RedirectMode;
+use crate::topology::{Node, Placement};
+
+/// The agent logs a line containing this once its pods are enrolled.
+pub const READY_TEXT: &str = "agent ready";
+/// How long an agent may take to become ready.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// The agent's pin root (`--bpf-root`); each node pins under `<root>/<node>`.
+pub const BPF_PIN_ROOT: &str = "/sys/fs/bpf/warren";
+/// How many log lines an error about a failed start shows.
+const TAIL_LINES: usize = 40;
+
+/// Everything needed to start one node's agent.
+#[derive(Clone, Debug)]
+pub struct Launch<'a> {
+    /// The `warren` executable.
+    pub binary: &'a Path,
+    /// The node to serve.
+    pub node: &'a Node,
+    /// `lab.yaml`.
+    pub config: &'a Path,
+    /// `--redirect` mode.
+    pub redirect: RedirectMode,
+    /// Log file, appended to.
+    pub log: &'a Path,
+}
+
+impl Launch<'_> {
+    /// The agent's command line (without placement).
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(self.binary);
+        cmd.arg("agent")
+            .args(["--node", &self.node.name])
+            .arg("--config")
+            .arg(self.config)
+            .args(["--redirect", self.redirect.as_str()])
+            .args(["--bpf-root", BPF_PIN_ROOT]);
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        cmd
+    }
+}
+
+/// Start the agent and wait until it is ready; returns its pid. If it exits or
+/// does not become ready in time, it is killed and the error carries its log tail.
+pub fn start(launch: &Launch<'_>) -> Result<Pid> {
+    let node = &launch.node.name;
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(launch.log)
+        .with_context(|| format!("opening agent log {}", launch.log.display()))?;
+    // Logs are appended across restarts: only what this start writes counts.
+    let offset = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut cmd = launch.command();
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone().context("duplicating the log file handle")?)
+        .stderr(log);
+    enter::place(
+        &mut cmd,
+        &Placement {
+            netns_path: launch.node.netns_path.clone(),
+            cgroup: Some(launch.node.agent_cgroup.clone()),
+        },
+        EnterOptions { setsid: true },
+    )?;
+    let mut child = cmd.spawn().with_context(|| {
+        format!(
+            "starting the agent of {node} ({}) in {}",
+            launch.binary.display(),
+            launch.node.netns_path.display()
+        )
+    })?;
+    let pid = Pid::from_raw(child.id() as i32);
+    match wait_ready(&mut child, node, launch.log, offset, READY_TIMEOUT) {
+        Ok(()) => {
+            // Reap it when it exits so that it never lingers as a zombie of this
+            // process (tests kill and restart agents and wait for them to be gone).
+            let _ = thread::Builder::new()
+                .name(format!("reap-agent-{node}"))
+                .spawn(move || child.wait());
+            Ok(pid)
+        }
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(e)
+        }
+    }
+}
+
+fn wait_ready(child: &mut Child, node: &str, log: &Path, offset: u64, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if read_from(log, offset)?.contains(READY_TEXT) {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait().context("checking on the agent")? {
+            bail!(
+                "the agent of {node} exited ({status}) before logging {READY_TEXT:?}; last lines of {}:\n{}",
+                log.display(),
+                tail(log, offset, TAIL_LINES)
+            );
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the agent of {node} did not log {READY_TEXT:?} within {}s; last lines of {}:\n{}",
+                timeout.as_secs(),
+                log.display(),
+                tail(log, offset, TAIL_LINES)
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The log's text from byte `offset` on.
+pub fn read_from(log: &Path, offset: u64) -> Result<String> {
+    let mut file = File::open(log).with_context(|| format!("opening {}", log.display()))?;
+    file.seek(SeekFrom::Start(offset))
+        .with_context(|| format!("seeking in {}", log.display()))?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)
+        .with_context(|| format!("reading {}", log.display()))?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The last `lines` lines written after `offset`, indented, for error messages.
+pub fn tail(log: &Path, offset: u64, lines: usize) -> String {
+    let text = read_from(log, offset).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    let shown = &all[all.len().saturating_sub(lines)..];
+    if shown.is_empty() {
+        "    (the log is empty)".to_string()
+    } else {
+        shown.iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
+    }
+}
+
+/// Current size of a log file (0 if it does not exist): an offset to read from
+/// later.
+pub fn log_len(log: &Path) -> u64 {
+    fs::metadata(log).map(|m| m.len()).unwrap_or(0)
+}

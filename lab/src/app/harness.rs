@@ -1,0 +1,117 @@
+//! Driving `lab-app` from tests and the demo: a server that is known to listen before
+//! anyone connects, and stopped when dropped.
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+
+use super::READY_PREFIX;
+
+/// How long a server may take to print its READY line.
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A running `lab-app serve`. Killed (and reaped) on drop.
+#[derive(Debug)]
+pub struct AppServer {
+    child: Child,
+    port: u16,
+    target: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl AppServer {
+    /// Spawn `cmd` (a `lab-app serve …` placed in `target`) and wait for its READY
+    /// line. Its stderr — one line per connection — is collected for [`Self::log`].
+    pub(crate) fn start(mut cmd: Command, target: String) -> Result<AppServer> {
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting lab-app serve in {target}"))?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&log);
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            }
+        });
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let _ = tx.send(lines.next());
+            // Keep draining so the server never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let first = rx.recv_timeout(READY_TIMEOUT);
+        let failed = |why: String, child: &mut Child, log: &Mutex<Vec<String>>| {
+            let _ = child.kill();
+            let _ = child.wait();
+            thread::sleep(Duration::from_millis(50));
+            let stderr = log.lock().unwrap_or_else(|e| e.into_inner()).join("\n");
+            anyhow!("lab-app serve in {target} {why}; its stderr:\n{stderr}")
+        };
+        let line = match first {
+            Ok(Some(Ok(line))) => line,
+            Ok(_) => return Err(failed("exited before printing READY".into(), &mut child, &log)),
+            Err(_) => {
+                return Err(failed(
+                    format!("printed no READY line within {}s", READY_TIMEOUT.as_secs()),
+                    &mut child,
+                    &log,
+                ))
+            }
+        };
+        let port = match line.strip_prefix(READY_PREFIX).and_then(|p| p.trim().parse::<u16>().ok()) {
+            Some(port) => port,
+            None => return Err(failed(format!("printed {line:?} instead of `READY <port>`"), &mut child, &log)),
+        };
+        Ok(AppServer { child, port, target, log })
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Where it runs (`demo/server`, …).
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// Its stderr so far: one line per finished connection,
+    /// `conn peer=<addr> local=<addr> mode=<m> received=<n> sent=<n>` (or `… error: …`).
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Stop it now (dropping does the same).
+    pub fn stop(mut self) -> Result<()> {
+        self.kill()
+    }
+
+    fn kill(&mut self) -> Result<()> {
+        if self.child.try_wait()?.is_some() {
+            bail!("lab-app serve in {} had already exited", self.target);
+        }
+        self.child.kill().context("killing lab-app serve")?;
+        self.child.wait().context("reaping lab-app serve")?;
+        Ok(())
+    }
+}
+
+impl Drop for AppServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,96 @@
+//! `lab-app`: the test application that runs inside lab pods.
+//!
+//! `lab-app serve --port P [--mode echo|sha|greet] [--udp]` listens on `[::]:P`
+//! (dual-stack), prints `READY <port>` and serves forever.
+//! `lab-app connect --addr IP:PORT [--mode …] [--bytes N] [--udp] [--timeout-secs S]`
+//! runs one checked exchange, prints one JSON line and exits 0 iff it passed.
+//! The behaviour of each mode is documented in `warren_lab::app`.
+#![deny(rust_2018_idioms)]
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+use warren_lab::app::{self, AppMode, ConnectOptions, ServeOptions};
+
+#[derive(Parser)]
+#[command(name = "lab-app", about = "Test server and client for the warren lab")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Listen on [::]:PORT (IPv4 and IPv6), print `READY <port>`, serve forever.
+    Serve {
+        /// Port to listen on; 0 picks a free one.
+        #[arg(long)]
+        port: u16,
+        /// What to do with each TCP connection.
+        #[arg(long, value_enum, default_value_t = AppMode::Echo)]
+        mode: AppMode,
+        /// Echo UDP datagrams instead of serving TCP.
+        #[arg(long)]
+        udp: bool,
+    },
+    /// Run one exchange with a server and print a JSON report.
+    Connect {
+        /// Server address, e.g. 10.77.2.10:8080 or [fd00:77:2::10]:8080.
+        #[arg(long)]
+        addr: SocketAddr,
+        /// The exchange to run (the server must be in the same mode).
+        #[arg(long, value_enum, default_value_t = AppMode::Echo)]
+        mode: AppMode,
+        /// Payload size [default: 65536 for TCP, 1024 for UDP].
+        #[arg(long)]
+        bytes: Option<u64>,
+        /// Send one UDP datagram and await its echo.
+        #[arg(long)]
+        udp: bool,
+        /// Timeout for connecting and for each read.
+        #[arg(long, default_value_t = app::DEFAULT_TIMEOUT.as_secs())]
+        timeout_secs: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Cmd::Serve { port, mode, udp } => match serve(ServeOptions { port, mode, udp }) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lab-app serve: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Connect { addr, mode, bytes, udp, timeout_secs } => {
+            let default_bytes = if udp { app::DEFAULT_UDP_BYTES } else { app::DEFAULT_TCP_BYTES };
+            let report = app::connect(&ConnectOptions {
+                addr,
+                mode,
+                bytes: bytes.unwrap_or(default_bytes),
+                udp,
+                timeout: Duration::from_secs(timeout_secs),
+            });
+            println!("{}", report.to_json());
+            if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn serve(options: ServeOptions) -> Result<()> {
+    app::serve(options, |port| {
+        let mut out = std::io::stdout().lock();
+        // Whoever started us waits for this line before connecting.
+        let _ = writeln!(out, "{}{port}", app::READY_PREFIX);
+        let _ = out.flush();
+    })
+    .context("serving")
+}

@@ -1,0 +1,121 @@
+//! The agent's local-mode config file that the lab writes (`lab.yaml`): the mesh
+//! namespaces and every workload of the topology, with where its netns and cgroup
+//! are — in a cluster the CNI plugin would hand the agent the same facts.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result};
+use serde::Serialize;
+
+use crate::topology::{Family, Topology};
+
+/// Top level of `lab.yaml`.
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentConfig {
+    /// Namespaces enrolled in the mesh.
+    pub mesh_namespaces: Vec<String>,
+    /// Every pod of the lab, enrolled or not.
+    pub workloads: Vec<Workload>,
+}
+
+/// One pod, as the agent's local control plane describes it.
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Workload {
+    /// Pod name.
+    pub name: String,
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Service account (the workload's identity).
+    pub service_account: String,
+    /// Node the pod runs on.
+    pub node: String,
+    /// Pod IPs, IPv4 first.
+    pub ips: Vec<IpAddr>,
+    /// The pod's netns handle.
+    pub netns: PathBuf,
+    /// The pod's cgroup directory.
+    pub cgroup: PathBuf,
+}
+
+impl AgentConfig {
+    /// The config for a topology.
+    pub fn for_topology(topology: &Topology) -> AgentConfig {
+        AgentConfig {
+            mesh_namespaces: topology.mesh_namespaces.clone(),
+            workloads: topology
+                .pods
+                .iter()
+                .map(|pod| Workload {
+                    name: pod.name.clone(),
+                    namespace: pod.namespace.clone(),
+                    service_account: pod.service_account.clone(),
+                    node: pod.node.clone(),
+                    ips: Family::BOTH.iter().map(|&f| pod.ip(f)).collect(),
+                    netns: pod.netns_path.clone(),
+                    cgroup: pod.cgroup.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The YAML text, with a header saying where it comes from.
+    pub fn to_yaml(&self) -> Result<String> {
+        let body = serde_yaml::to_string(self).context("rendering lab.yaml")?;
+        Ok(format!(
+            "# Written by warren-lab (`cargo xtask lab up`): the agent's local control plane.\n{body}"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn renders_the_agreed_schema() {
+        let topology = Topology::standard(Path::new("/sys/fs/cgroup/unified"));
+        let yaml = AgentConfig::for_topology(&topology).to_yaml().unwrap();
+        let value: serde_yaml::Value = serde_yaml::from_str(&yaml).unwrap();
+        let expected: serde_yaml::Value = serde_yaml::from_str(
+            r#"
+meshNamespaces: [demo]
+workloads:
+- name: client
+  namespace: demo
+  serviceAccount: client
+  node: n1
+  ips: ["10.77.1.10", "fd00:77:1::10"]
+  netns: /run/netns/warren-n1-demo-client
+  cgroup: /sys/fs/cgroup/unified/warren-lab/n1/demo-client
+- name: peer
+  namespace: demo
+  serviceAccount: peer
+  node: n1
+  ips: ["10.77.1.11", "fd00:77:1::11"]
+  netns: /run/netns/warren-n1-demo-peer
+  cgroup: /sys/fs/cgroup/unified/warren-lab/n1/demo-peer
+- name: client
+  namespace: legacy
+  serviceAccount: default
+  node: n1
+  ips: ["10.77.1.12", "fd00:77:1::12"]
+  netns: /run/netns/warren-n1-legacy-client
+  cgroup: /sys/fs/cgroup/unified/warren-lab/n1/legacy-client
+- name: server
+  namespace: demo
+  serviceAccount: server
+  node: n2
+  ips: ["10.77.2.10", "fd00:77:2::10"]
+  netns: /run/netns/warren-n2-demo-server
+  cgroup: /sys/fs/cgroup/unified/warren-lab/n2/demo-server
+"#,
+        )
+        .unwrap();
+        assert_eq!(value, expected, "got:\n{yaml}");
+        assert!(yaml.starts_with("# Written by warren-lab"));
+    }
+}

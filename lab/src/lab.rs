@@ -1,0 +1,599 @@
+//! [`Lab`]: bringing the simulated cluster up and down, running things in it, and
+//! controlling its agents.
+
+use std::ffi::OsStr;
+use std::fmt::Write as _;
+use std::fs::{self, File};
+use std::io::Read as _;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use sha2::{Digest as _, Sha256};
+
+use crate::agent::{self, Launch};
+use crate::app::{self, AppMode, AppServer, ConnectOptions, ConnectReport};
+use crate::config::AgentConfig;
+use crate::enter::{self, EnterOptions};
+use crate::options::{LabMode, RedirectMode, UpOptions};
+use crate::state::{AgentBinary, AgentRecord, LabLock, RuntimeDir, State};
+use crate::teardown::{self, RuntimeDirRemoval};
+use crate::topology::{Family, Node, Pod, Target, Topology};
+use crate::{cargo, cgroup, create, mounts, netns, prereq, process};
+
+/// How long [`Lab::kill_agent`] waits for the agent to exit.
+const AGENT_EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running lab. Cheap to share between test threads: every method takes `&self`,
+/// and changes to the agents are serialised by the lab lock (also across
+/// processes), so one test's `kill_agent` cannot race another's `start_agent`.
+#[derive(Debug)]
+pub struct Lab {
+    dir: RuntimeDir,
+    topology: Topology,
+    mode: LabMode,
+    /// Last state read or written, for when `state.json` cannot be read.
+    cached: Mutex<State>,
+}
+
+impl Lab {
+    /// Bring the lab up, or return the one that is already up.
+    ///
+    /// Creates the namespaces, links, addresses, routes and cgroups, writes
+    /// `lab.yaml`, and with `agents` builds `warren` (`cargo build -p warren`) and
+    /// starts one agent per node, waiting until each logs "agent ready".
+    ///
+    /// Idempotent: when a lab is up in the same mode, dead agents are restarted (all
+    /// of them if the `warren` binary was rebuilt) and the lab is returned. A lab in
+    /// another mode is an error. Leftovers without `state.json` are removed first. If
+    /// creating fails midway, everything is removed again before the error returns.
+    pub fn up(options: &UpOptions) -> Result<Lab> {
+        let mode = options.mode();
+        let mut missing = prereq::check_lab();
+        if options.agents {
+            missing.extend(prereq::check_toolchain());
+        }
+        if !missing.is_empty() {
+            bail!(
+                "the lab cannot start; missing:\n{}run `cargo xtask setup` (as root) to install what can be installed",
+                prereq::describe(&missing)
+            );
+        }
+        let dir = RuntimeDir::default();
+        let lock = dir.lock()?;
+        match dir.read_state()? {
+            Some(state) => Lab::reuse(dir, &lock, state, mode),
+            None => Lab::create(dir, &lock, mode),
+        }
+    }
+
+    /// The lab that is up, from `state.json`.
+    pub fn load() -> Result<Lab> {
+        let dir = RuntimeDir::default();
+        let state = dir.read_state()?.with_context(|| {
+            format!(
+                "no lab is up ({} does not exist); start one with `cargo xtask lab up`",
+                dir.state().display()
+            )
+        })?;
+        Ok(Lab::from_state(dir, state))
+    }
+
+    /// Whether a lab is recorded as up.
+    pub fn is_up() -> bool {
+        RuntimeDir::default().state().exists()
+    }
+
+    /// Remove the lab and everything it created, from any state (also without
+    /// `state.json`, by name patterns): agents (SIGTERM, 5 s, SIGKILL), processes
+    /// left in lab cgroups and namespaces, every `warren-*` netns, the lab cgroups,
+    /// the agents' pins under `/sys/fs/bpf/warren/<node>`, and `/run/warren-lab`.
+    /// Doing it twice is fine.
+    pub fn down() -> Result<()> {
+        let dir = RuntimeDir::default();
+        let lock = dir.lock()?;
+        teardown::down(&dir, &lock, RuntimeDirRemoval::All)
+    }
+
+    /// Everything of a lab that exists on the machine: `warren-*` namespace handles,
+    /// the lab cgroup, the agents' pin directory and the runtime directory. Empty
+    /// after a successful [`Lab::down`].
+    pub fn leftovers() -> Result<Vec<PathBuf>> {
+        let mut found: Vec<PathBuf> = netns::list_lab()?
+            .into_iter()
+            .map(|name| Path::new(crate::topology::NETNS_DIR).join(name))
+            .collect();
+        if let Ok(cgroup2) = mounts::cgroup2_mount() {
+            found.push(cgroup2.join(crate::topology::LAB_CGROUP));
+        }
+        found.push(PathBuf::from(agent::BPF_PIN_ROOT));
+        found.push(RuntimeDir::default().root().to_path_buf());
+        found.retain(|p| p.exists());
+        Ok(found)
+    }
+
+    fn from_state(dir: RuntimeDir, state: State) -> Lab {
+        Lab {
+            dir,
+            topology: state.topology.clone(),
+            mode: state.mode,
+            cached: Mutex::new(state),
+        }
+    }
+
+    fn create(dir: RuntimeDir, lock: &LabLock, mode: LabMode) -> Result<Lab> {
+        let cgroup2 = mounts::cgroup2_mount()?;
+        let topology = Topology::standard(&cgroup2);
+        if leftovers_exist(&topology)? {
+            eprintln!("lab: removing leftovers of an earlier lab");
+            teardown::down(&dir, lock, RuntimeDirRemoval::KeepLock)
+                .context("removing leftovers of an earlier lab before creating a new one")?;
+        }
+        // Build before touching the system: a compile error then leaves nothing behind.
+        let binary = match mode {
+            LabMode::Agents(_) => Some(build_agent()?),
+            LabMode::NoAgents => None,
+        };
+        let created = (|| -> Result<Lab> {
+            eprintln!("lab: creating namespaces, links and cgroups");
+            create::create(&topology)?;
+            fs::write(dir.config(), AgentConfig::for_topology(&topology).to_yaml()?)
+                .with_context(|| format!("writing {}", dir.config().display()))?;
+            let mut state = State::new(mode, topology.clone());
+            state.agent_binary = binary;
+            dir.write_state(lock, &state)?;
+            let lab = Lab::from_state(dir.clone(), state);
+            if let LabMode::Agents(_) = mode {
+                if mounts::ensure_bpffs()? {
+                    eprintln!("lab: mounted bpffs at {}", mounts::BPFFS);
+                }
+                for node in &topology.nodes {
+                    lab.start_agent_locked(lock, &node.name)?;
+                }
+            }
+            Ok(lab)
+        })();
+        created.map_err(|e| {
+            eprintln!("lab: bringing the lab up failed; removing what was created");
+            match teardown::down(&dir, lock, RuntimeDirRemoval::KeepLockAndLogs) {
+                Ok(()) => e.context(format!(
+                    "bringing the lab up failed; what was created has been removed, except the agent \
+                     logs in {} (`cargo xtask lab down` removes them)",
+                    dir.root().display()
+                )),
+                Err(cleanup) => e.context(format!(
+                    "bringing the lab up failed, and so did removing what was created: {cleanup:#}"
+                )),
+            }
+        })
+    }
+
+    fn reuse(dir: RuntimeDir, lock: &LabLock, state: State, mode: LabMode) -> Result<Lab> {
+        if state.mode != mode {
+            bail!(
+                "lab is up in mode {}; run `cargo xtask lab down` first (asked for mode {mode})",
+                state.mode
+            );
+        }
+        for path in state
+            .topology
+            .netns_names()
+            .iter()
+            .map(|name| Path::new(crate::topology::NETNS_DIR).join(name))
+            .chain(state.topology.pods.iter().map(|p| p.cgroup.clone()))
+        {
+            if !path.exists() {
+                bail!(
+                    "the lab is recorded as up but {} is missing; run `cargo xtask lab down` and bring it up again",
+                    path.display()
+                );
+            }
+        }
+        let lab = Lab::from_state(dir, state.clone());
+        if let LabMode::Agents(_) = mode {
+            mounts::ensure_bpffs()?;
+            let binary = build_agent()?;
+            let rebuilt = state.agent_binary.as_ref() != Some(&binary);
+            if rebuilt {
+                eprintln!("lab: the warren binary changed; restarting the agents");
+                let mut fresh = lab.read_state()?;
+                fresh.agent_binary = Some(binary);
+                lab.write(lock, fresh)?;
+            }
+            for node in &state.topology.nodes {
+                let running = lab.agent_pid(&node.name);
+                match running {
+                    Some(pid) if rebuilt => {
+                        lab.stop_agent_locked(lock, &node.name, Pid::from_raw(pid as i32), Signal::SIGTERM)?;
+                        lab.start_agent_locked(lock, &node.name)?;
+                    }
+                    Some(_) => {}
+                    None => {
+                        eprintln!("lab: the agent of {} is not running; starting it", node.name);
+                        lab.start_agent_locked(lock, &node.name)?;
+                    }
+                }
+            }
+        }
+        Ok(lab)
+    }
+
+    fn read_state(&self) -> Result<State> {
+        let state = self
+            .dir
+            .read_state()?
+            .context("the lab was taken down meanwhile (state.json is gone); bring it up again")?;
+        *self.cached.lock().unwrap_or_else(|e| e.into_inner()) = state.clone();
+        Ok(state)
+    }
+
+    fn write(&self, lock: &LabLock, state: State) -> Result<()> {
+        self.dir.write_state(lock, &state)?;
+        *self.cached.lock().unwrap_or_else(|e| e.into_inner()) = state;
+        Ok(())
+    }
+
+    fn state_or_cached(&self) -> State {
+        self.read_state()
+            .unwrap_or_else(|_| self.cached.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    // ---- topology ----------------------------------------------------------
+
+    /// The whole topology.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// How the lab was brought up.
+    pub fn mode(&self) -> LabMode {
+        self.mode
+    }
+
+    /// The pod `<namespace>/<name>`. Panics, listing the pods, if there is none: the
+    /// topology is fixed, so a wrong name is a bug in the caller.
+    pub fn pod(&self, id: &str) -> &Pod {
+        self.try_pod(id).unwrap_or_else(|| {
+            let ids: Vec<String> = self.topology.pods.iter().map(Pod::id).collect();
+            panic!("the lab has no pod {id:?}; it has {}", ids.join(", "))
+        })
+    }
+
+    /// The pod `<namespace>/<name>`, if any.
+    pub fn try_pod(&self, id: &str) -> Option<&Pod> {
+        self.topology.pod(id)
+    }
+
+    /// Every pod.
+    pub fn pods(&self) -> &[Pod] {
+        &self.topology.pods
+    }
+
+    /// Every node.
+    pub fn nodes(&self) -> &[Node] {
+        &self.topology.nodes
+    }
+
+    /// The node called `name`. Panics if there is none (the topology is fixed).
+    pub fn node(&self, name: &str) -> &Node {
+        self.topology
+            .node(name)
+            .unwrap_or_else(|| panic!("the lab has no node {name:?}"))
+    }
+
+    /// A node's IP (its `eth0` on the wire).
+    pub fn node_ip(&self, node: &str, family: Family) -> IpAddr {
+        self.node(node).ip(family)
+    }
+
+    /// The outside host's IP.
+    pub fn outside_ip(&self, family: Family) -> IpAddr {
+        self.topology.outside.ip(family)
+    }
+
+    // ---- running things ----------------------------------------------------
+
+    /// A command that runs `program` in `target`: `<ns>/<pod>` (the pod's netns
+    /// and cgroup, like a container process), `node/<name>`, `outside` or `wire`.
+    /// Add arguments, stdio and so on as usual before spawning.
+    pub fn command(&self, target: &str, program: impl AsRef<OsStr>) -> Result<Command> {
+        self.command_in(&target.parse()?, program)
+    }
+
+    /// Like [`Self::command`], with a parsed target.
+    pub fn command_in(&self, target: &Target, program: impl AsRef<OsStr>) -> Result<Command> {
+        let placement = self.topology.resolve(target)?;
+        let mut cmd = Command::new(program);
+        enter::place(&mut cmd, &placement, EnterOptions::default())
+            .with_context(|| format!("preparing a command for {target}"))?;
+        Ok(cmd)
+    }
+
+    /// Run `f` on a thread inside `target`'s network namespace (not its cgroup) and
+    /// return what it returns; sockets made there stay in that namespace.
+    pub fn run_in<F, R>(&self, target: &str, f: F) -> Result<R>
+    where
+        F: FnOnce() -> R + Send,
+        R: Send,
+    {
+        let placement = self.topology.resolve(&target.parse()?)?;
+        netns::run_in(&placement.netns_path, f)
+    }
+
+    /// A `lab-app` command in `target` (built on first use with
+    /// `cargo build -p warren-lab --bin lab-app`).
+    pub fn lab_app(&self, target: &str) -> Result<Command> {
+        let binary = cargo::build_bin("warren-lab", "lab-app")?;
+        self.command(target, binary)
+    }
+
+    /// Start `lab-app serve --port <port> --mode <mode>` in `target` and wait until
+    /// it listens. Port 0 picks a free port ([`AppServer::port`] tells which).
+    pub fn serve(&self, target: &str, port: u16, mode: AppMode) -> Result<AppServer> {
+        let mut cmd = self.lab_app(target)?;
+        cmd.args(["serve", "--port", &port.to_string(), "--mode", mode.as_str()]);
+        AppServer::start(cmd, target.to_string())
+    }
+
+    /// Start a UDP echo server (`lab-app serve --udp`) in `target`.
+    pub fn serve_udp(&self, target: &str, port: u16) -> Result<AppServer> {
+        let mut cmd = self.lab_app(target)?;
+        cmd.args(["serve", "--udp", "--port", &port.to_string()]);
+        AppServer::start(cmd, target.to_string())
+    }
+
+    /// Run `lab-app connect` from `target` to `addr` and return its report. An
+    /// exchange that fails is `Ok` with `report.ok == false`; `Err` means the client
+    /// could not be run at all.
+    pub fn connect(&self, target: &str, addr: SocketAddr, mode: AppMode, bytes: u64) -> Result<ConnectReport> {
+        self.connect_with(
+            target,
+            &ConnectOptions {
+                addr,
+                mode,
+                bytes,
+                udp: false,
+                timeout: app::DEFAULT_TIMEOUT,
+            },
+        )
+    }
+
+    /// Run `lab-app connect` with every option.
+    pub fn connect_with(&self, target: &str, options: &ConnectOptions) -> Result<ConnectReport> {
+        let mut cmd = self.lab_app(target)?;
+        cmd.args(["connect", "--addr", &options.addr.to_string()])
+            .args(["--mode", options.mode.as_str()])
+            .args(["--bytes", &options.bytes.to_string()])
+            .args(["--timeout-secs", &options.timeout.as_secs().max(1).to_string()]);
+        if options.udp {
+            cmd.arg("--udp");
+        }
+        let out = cmd
+            .output()
+            .with_context(|| format!("running lab-app connect in {target}"))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout.lines().last().unwrap_or_default();
+        serde_json::from_str(line).with_context(|| {
+            format!(
+                "lab-app connect in {target} printed no report ({}); stdout: {stdout:?}; stderr: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+        })
+    }
+
+    // ---- agents --------------------------------------------------------------
+
+    /// The pid of `node`'s agent, if it is running.
+    pub fn agent_pid(&self, node: &str) -> Option<u32> {
+        let state = self.state_or_cached();
+        let pid = state.agents.get(node)?.pid.map(Pid::from_raw)?;
+        process::is_agent(pid, node).then_some(pid.as_raw() as u32)
+    }
+
+    /// The agent log of `node` (appended across restarts).
+    pub fn agent_log_path(&self, node: &str) -> PathBuf {
+        self.dir.agent_log(node)
+    }
+
+    /// The current length of `node`'s agent log: remember it before an action, then
+    /// read what the action logged with [`Self::agent_log_since`].
+    pub fn agent_log_len(&self, node: &str) -> u64 {
+        agent::log_len(&self.agent_log_path(node))
+    }
+
+    /// What `node`'s agent logged from byte `offset` on.
+    pub fn agent_log_since(&self, node: &str, offset: u64) -> Result<String> {
+        agent::read_from(&self.agent_log_path(node), offset)
+    }
+
+    /// Send `signal` to `node`'s agent and wait (up to 30 s) until it has exited; use
+    /// a signal that ends it (SIGTERM for a clean stop, SIGKILL for a crash).
+    pub fn kill_agent(&self, node: &str, signal: Signal) -> Result<()> {
+        let lock = self.dir.lock()?;
+        let pid = self
+            .agent_pid(node)
+            .with_context(|| format!("the agent of {node} is not running"))?;
+        self.stop_agent_locked(&lock, node, Pid::from_raw(pid as i32), signal)
+    }
+
+    /// Start `node`'s agent (after [`Self::kill_agent`]) and wait until it is ready;
+    /// returns its pid.
+    pub fn start_agent(&self, node: &str) -> Result<u32> {
+        let lock = self.dir.lock()?;
+        if let Some(pid) = self.agent_pid(node) {
+            bail!("the agent of {node} is already running (pid {pid}); kill it first");
+        }
+        self.start_agent_locked(&lock, node)
+    }
+
+    fn start_agent_locked(&self, lock: &LabLock, node_name: &str) -> Result<u32> {
+        let LabMode::Agents(redirect) = self.mode else {
+            bail!("the lab is up without agents (mode no-agents); bring it up with agents to start one");
+        };
+        let node = self
+            .topology
+            .node(node_name)
+            .with_context(|| format!("the lab has no node {node_name}"))?;
+        let mut state = self.read_state()?;
+        let binary = state
+            .agent_binary
+            .clone()
+            .context("state.json records no agent binary; run `cargo xtask lab down` and up again")?;
+        let log = self.dir.agent_log(node_name);
+        eprintln!("lab: starting the agent of {node_name} (redirect {redirect})");
+        let pid = agent::start(&Launch {
+            binary: &binary.path,
+            node,
+            config: &self.dir.config(),
+            redirect,
+            log: &log,
+        })?;
+        eprintln!("lab: the agent of {node_name} is ready (pid {pid}, log {})", log.display());
+        state.agents.insert(
+            node_name.to_string(),
+            AgentRecord {
+                pid: Some(pid.as_raw()),
+                log,
+            },
+        );
+        self.write(lock, state)?;
+        Ok(pid.as_raw() as u32)
+    }
+
+    fn stop_agent_locked(&self, lock: &LabLock, node: &str, pid: Pid, signal: Signal) -> Result<()> {
+        process::signal(pid, signal).with_context(|| format!("sending {signal} to the agent of {node} (pid {pid})"))?;
+        if !process::wait_exit(pid, AGENT_EXIT_TIMEOUT) {
+            bail!(
+                "the agent of {node} (pid {pid}) still runs {}s after {signal}; see {}",
+                AGENT_EXIT_TIMEOUT.as_secs(),
+                self.agent_log_path(node).display()
+            );
+        }
+        let mut state = self.read_state()?;
+        if let Some(record) = state.agents.get_mut(node) {
+            record.pid = None;
+        }
+        self.write(lock, state)
+    }
+
+    // ---- reporting -------------------------------------------------------------
+
+    /// A human-readable account: mode, nodes, pods with addresses, agents.
+    pub fn status(&self) -> String {
+        let t = &self.topology;
+        let state = self.state_or_cached();
+        let mut s = String::new();
+        let _ = writeln!(s, "lab is up, mode {} (runtime dir {})", self.mode, self.dir.root().display());
+        let _ = writeln!(s, "wire: netns {}, bridge {}", t.wire.netns_name, t.wire.bridge);
+        let _ = writeln!(s, "nodes:");
+        for n in &t.nodes {
+            let _ = writeln!(
+                s,
+                "  {:<8} {:<15} {:<14} pods {} / {}  netns {}",
+                n.name, n.ipv4, n.ipv6, n.pod_cidr_v4, n.pod_cidr_v6, n.netns_name
+            );
+        }
+        let _ = writeln!(
+            s,
+            "  {:<8} {:<15} {:<14} (not in the mesh)  netns {}",
+            "outside", t.outside.ipv4, t.outside.ipv6, t.outside.netns_name
+        );
+        let _ = writeln!(s, "pods:");
+        for p in &t.pods {
+            let _ = writeln!(
+                s,
+                "  {:<15} node {}  sa {:<8} {:<11} {:<15} {:<15} cgroup {}",
+                p.id(),
+                p.node,
+                p.service_account,
+                if p.enrolled { "mesh" } else { "not-in-mesh" },
+                p.ipv4,
+                p.ipv6,
+                p.cgroup.display()
+            );
+        }
+        let _ = writeln!(s, "agents:");
+        if let LabMode::NoAgents = self.mode {
+            let _ = writeln!(s, "  none (mode no-agents)");
+        } else {
+            for n in &t.nodes {
+                let pid = state.agents.get(&n.name).and_then(|r| r.pid);
+                let running = self.agent_pid(&n.name);
+                let what = match (pid, running) {
+                    (_, Some(pid)) => format!("pid {pid}, alive"),
+                    (Some(pid), None) => format!("pid {pid}, NOT running"),
+                    (None, None) => "not running".to_string(),
+                };
+                let _ = writeln!(s, "  {:<8} {what:<22} log {}", n.name, self.agent_log_path(&n.name).display());
+            }
+            if let Some(binary) = &state.agent_binary {
+                let _ = writeln!(s, "  binary {}", binary.path.display());
+            }
+        }
+        let _ = write!(s, "agent config: {}", self.dir.config().display());
+        s
+    }
+
+    /// `/run/warren-lab`.
+    pub fn runtime_dir(&self) -> &Path {
+        self.dir.root()
+    }
+
+    /// `lab.yaml`, the agents' config.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.config()
+    }
+
+    /// The redirect mode of the agents, if the lab has agents.
+    pub fn redirect(&self) -> Option<RedirectMode> {
+        match self.mode {
+            LabMode::Agents(mode) => Some(mode),
+            LabMode::NoAgents => None,
+        }
+    }
+}
+
+/// Whether anything of a lab exists although no `state.json` says so.
+fn leftovers_exist(topology: &Topology) -> Result<bool> {
+    Ok(!netns::list_lab()?.is_empty()
+        || topology.lab_cgroup.exists()
+        || cgroup::populated(&topology.lab_cgroup))
+}
+
+/// Build the agent and identify the binary (once per process: test threads that
+/// each call [`Lab::up`] should not each hash it).
+fn build_agent() -> Result<AgentBinary> {
+    static BUILT: Mutex<Option<AgentBinary>> = Mutex::new(None);
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(binary) = built.as_ref() {
+        return Ok(binary.clone());
+    }
+    eprintln!("lab: building the warren agent (cargo build -p warren)");
+    let path = cargo::build_bin("warren", "warren").context(
+        "building the warren agent failed; to use the lab without agents, bring it up with --no-agents",
+    )?;
+    let sha256 = sha256_file(&path)?;
+    let binary = AgentBinary { path, sha256 };
+    *built = Some(binary.clone());
+    Ok(binary)
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(app::hex(&hasher.finalize()))
+}

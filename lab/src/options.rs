@@ -1,0 +1,106 @@
+//! How a lab is brought up: with or without agents, and which redirection the agents
+//! use.
+
+use std::fmt;
+use std::str::FromStr;
+
+use anyhow::bail;
+use serde::{Deserialize, Serialize};
+
+/// The agent's `--redirect` mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RedirectMode {
+    /// Let the agent probe the kernel and choose.
+    #[default]
+    Auto,
+    /// eBPF cgroup hooks and sk_lookup.
+    Ebpf,
+    /// iptables rules in each pod's netns.
+    Iptables,
+}
+
+impl RedirectMode {
+    /// The value given to `warren agent --redirect`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RedirectMode::Auto => "auto",
+            RedirectMode::Ebpf => "ebpf",
+            RedirectMode::Iptables => "iptables",
+        }
+    }
+}
+
+impl fmt::Display for RedirectMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for RedirectMode {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "auto" => Ok(RedirectMode::Auto),
+            "ebpf" => Ok(RedirectMode::Ebpf),
+            "iptables" => Ok(RedirectMode::Iptables),
+            _ => bail!("unknown redirect mode {s:?}: expected auto, ebpf or iptables"),
+        }
+    }
+}
+
+/// What a running lab is: the mesh on (agents with a redirect mode) or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LabMode {
+    /// Topology only: no agents, traffic flows in plaintext (the "mesh off" baseline).
+    NoAgents,
+    /// One agent per node with this redirect mode.
+    Agents(RedirectMode),
+}
+
+impl fmt::Display for LabMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LabMode::NoAgents => f.write_str("no-agents"),
+            LabMode::Agents(mode) => write!(f, "{mode}"),
+        }
+    }
+}
+
+/// Options for [`crate::Lab::up`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UpOptions {
+    /// Redirect mode for the agents (ignored without agents).
+    pub redirect: RedirectMode,
+    /// Build and start one `warren agent` per node.
+    pub agents: bool,
+}
+
+impl Default for UpOptions {
+    /// Agents on, redirect mode `auto`.
+    fn default() -> Self {
+        UpOptions { redirect: RedirectMode::Auto, agents: true }
+    }
+}
+
+impl UpOptions {
+    /// Agents on, with the given redirect mode.
+    pub fn with_agents(redirect: RedirectMode) -> Self {
+        UpOptions { redirect, agents: true }
+    }
+
+    /// The topology alone, no agents.
+    pub fn no_agents() -> Self {
+        UpOptions { redirect: RedirectMode::Auto, agents: false }
+    }
+
+    /// The lab mode these options produce.
+    pub fn mode(&self) -> LabMode {
+        if self.agents {
+            LabMode::Agents(self.redirect)
+        } else {
+            LabMode::NoAgents
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! What is captured and what is not, and what happens when an agent restarts.
+use std::{collections::BTreeSet, path::Path, process::Command};
+
+use anyhow::{ensure, Context as _, Result};
+use warren_lab::{AppMode, ConnectOptions, Family, Lab, Signal};
+
+use crate::support::{access_line, access_lines_for, ensure_ok};
+
+pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
+    ("capture::legacy_client_is_not_captured", legacy_client_is_not_captured),
+    ("capture::enrolled_pod_to_outside_passes_through", enrolled_pod_to_outside),
+    ("capture::udp_is_untouched", udp_is_untouched),
+    ("capture::node_to_pod_probe_works", node_to_pod_probe),
+    ("capture::agent_restart_recovers_and_fails_closed_meanwhile", agent_restart),
+];
+
+/// `legacy` is not in the mesh: n1's agent does not carry its outbound connection; the
+/// server is in the mesh, so n2's agent does carry it inbound (PERMISSIVE).
+fn legacy_client_is_not_captured(lab: &Lab) -> Result<()> {
+    let app = lab.serve("demo/server", 0, AppMode::Sha)?;
+    for family in Family::BOTH {
+        let dst = lab.pod("demo/server").addr(family, app.port());
+        let (n1, n2) = (lab.agent_log_len("n1"), lab.agent_log_len("n2"));
+        let report = lab.connect("legacy/client", dst, AppMode::Sha, 1 << 20)?;
+        ensure_ok(&report, &format!("legacy/client → {dst}"))?;
+        let inbound = access_line(lab, "n2", n2, "inbound", dst)?;
+        ensure!(inbound.contains("src_workload=legacy/client"), "inbound line names the wrong source: {inbound}");
+        let n1_lines = access_lines_for(lab, "n1", n1, dst)?;
+        ensure!(n1_lines.is_empty(), "n1's agent carried legacy/client's connection:\n{}", n1_lines.join("\n"));
+    }
+    Ok(())
+}
+
+/// A destination outside the mesh is reached directly (the agent passes it through,
+/// from the pod's netns, with the pod's address).
+fn enrolled_pod_to_outside(lab: &Lab) -> Result<()> {
+    let app = lab.serve("outside", 0, AppMode::Sha)?;
+    for family in Family::BOTH {
+        let dst = std::net::SocketAddr::new(lab.outside_ip(family), app.port());
+        let offset = lab.agent_log_len("n1");
+        let report = lab.connect("demo/client", dst, AppMode::Sha, 4 << 20)?;
+        ensure_ok(&report, &format!("demo/client → outside {dst}"))?;
+        let line = access_line(lab, "n1", offset, "outbound", dst)?;
+        ensure!(line.contains("dst_workload=-"), "outside is not a workload: {line}");
+        let client_ip = lab.pod("demo/client").ip(family).to_string();
+        let seen = app.log().join("\n");
+        ensure!(seen.contains(&client_ip), "outside did not see the pod's address {client_ip}; server log:\n{seen}");
+    }
+    Ok(())
+}
+
+/// UDP between enrolled pods and to the outside works, and no agent touches it.
+fn udp_is_untouched(lab: &Lab) -> Result<()> {
+    let server = lab.serve_udp("demo/server", 0)?;
+    let outside = lab.serve_udp("outside", 0)?;
+    for family in Family::BOTH {
+        for dst in [
+            lab.pod("demo/server").addr(family, server.port()),
+            std::net::SocketAddr::new(lab.outside_ip(family), outside.port()),
+        ] {
+            let (n1, n2) = (lab.agent_log_len("n1"), lab.agent_log_len("n2"));
+            let report = lab.connect_with(
+                "demo/client",
+                &ConnectOptions { addr: dst, mode: AppMode::Echo, bytes: 512, udp: true, timeout: std::time::Duration::from_secs(5) },
+            )?;
+            ensure_ok(&report, &format!("UDP to {dst}"))?;
+            for (node, offset) in [("n1", n1), ("n2", n2)] {
+                let lines = access_lines_for(lab, node, offset, dst)?;
+                ensure!(lines.is_empty(), "{node}'s agent touched UDP to {dst}:\n{}", lines.join("\n"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The node (where kubelet runs) reaches its pods, as health probes do.
+fn node_to_pod_probe(lab: &Lab) -> Result<()> {
+    for (node, pod) in [("n1", "demo/client"), ("n2", "demo/server")] {
+        let app = lab.serve(pod, 0, AppMode::Echo)?;
+        for family in Family::BOTH {
+            let dst = lab.pod(pod).addr(family, app.port());
+            let report = lab.connect(&format!("node/{node}"), dst, AppMode::Echo, 1024)?;
+            ensure_ok(&report, &format!("node/{node} → {dst}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Kill n1's agent (a crash): its pods fail closed — no connection in or out reaches an
+/// app unseen. Start it again: traffic flows with the same pods, and the kernel holds
+/// exactly the links and pins it held before (nothing doubled, nothing half-installed).
+fn agent_restart(lab: &Lab) -> Result<()> {
+    let pin_dir = Path::new("/sys/fs/bpf/warren/n1");
+    let pins_before = list_dir(pin_dir)?;
+    let links_before = bpf_links()?;
+    ensure!(pins_before.iter().any(|p| p.starts_with("link_sk_lookup_")), "no sk_lookup pins in {pins_before:?}");
+
+    let server = lab.serve("demo/server", 0, AppMode::Echo)?;
+    let peer = lab.serve("demo/peer", 0, AppMode::Echo)?;
+    let to_server = lab.pod("demo/server").addr(Family::V4, server.port());
+    let to_peer = lab.pod("demo/peer").addr(Family::V4, peer.port());
+    ensure_ok(&lab.connect("demo/client", to_server, AppMode::Echo, 1024)?, "before the crash")?;
+
+    lab.kill_agent("n1", Signal::SIGKILL)?;
+    let restart = (|| -> Result<()> {
+        let out = lab.connect("demo/client", to_server, AppMode::Echo, 1024)?;
+        ensure!(!out.ok, "outbound from an enrolled pod worked with its agent down (fail open): {out:?}");
+        let into = lab.connect("demo/server", to_peer, AppMode::Echo, 1024)?;
+        ensure!(!into.ok, "inbound to an enrolled pod worked with its agent down (fail open): {into:?}");
+        let untouched = lab.connect("legacy/client", to_server, AppMode::Echo, 1024)?;
+        ensure_ok(&untouched, "a pod outside the mesh while n1's agent is down")?;
+        ensure!(list_dir(pin_dir)? == pins_before, "pins changed while the agent was down");
+        Ok(())
+    })();
+    lab.start_agent("n1").context("restarting n1's agent")?;
+    restart?;
+
+    ensure_ok(&lab.connect("demo/client", to_server, AppMode::Echo, 1 << 20)?, "outbound after the restart")?;
+    ensure_ok(&lab.connect("demo/server", to_peer, AppMode::Echo, 1 << 20)?, "inbound after the restart")?;
+    let pins_after = list_dir(pin_dir)?;
+    ensure!(pins_after == pins_before, "pins differ after the restart:\nbefore {pins_before:?}\nafter  {pins_after:?}");
+    let links_after = bpf_links()?;
+    ensure!(
+        links_after == links_before,
+        "the kernel holds {links_after} BPF links after the restart, {links_before} before"
+    );
+    Ok(())
+}
+
+fn list_dir(dir: &Path) -> Result<BTreeSet<String>> {
+    Ok(std::fs::read_dir(dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect())
+}
+
+/// Number of BPF links in the kernel (`bpftool link list`).
+fn bpf_links() -> Result<usize> {
+    let out = Command::new("bpftool").args(["link", "list"]).output().context("running bpftool (installed by `cargo xtask setup`)")?;
+    ensure!(out.status.success(), "bpftool link list: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .lines()
+        .filter(|l| l.split(':').next().is_some_and(|id| !id.is_empty() && id.chars().all(|c| c.is_ascii_digit())))
+        .count())
+}

@@ -1,0 +1,94 @@
+//! `cargo xtask lab …`: bring the lab up and down, look at it, run things in it.
+
+use std::process::ExitCode;
+
+use anyhow::{Context as _, Result};
+use clap::Subcommand;
+use warren_lab::{Family, Lab, RedirectMode, UpOptions};
+
+use crate::setup::{self, Scope};
+
+#[derive(Subcommand)]
+pub enum LabCommand {
+    /// Create the lab (namespaces, links, cgroups) and start an agent per node;
+    /// returns the running lab if it is already up in this mode.
+    Up {
+        /// Redirect mode of the agents.
+        #[arg(long, value_enum, default_value_t = RedirectMode::Auto)]
+        redirect: RedirectMode,
+        /// Only the topology, no agents (the mesh off).
+        #[arg(long)]
+        no_agents: bool,
+    },
+    /// Remove everything the lab created (also from a half-made lab).
+    Down,
+    /// Show nodes, pods and their addresses, the mode and the agents.
+    Status,
+    /// Run a command in a pod (`<ns>/<pod>`: its netns and cgroup), `node/<name>`,
+    /// `outside` or `wire`; its exit status is ours.
+    Exec {
+        /// Where to run it.
+        target: String,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Print a pod's IPv4 address (or IPv6 with --6).
+    Ip {
+        /// The pod, `<ns>/<pod>`.
+        pod: String,
+        /// The IPv6 address instead.
+        #[arg(long = "6")]
+        v6: bool,
+    },
+}
+
+pub fn run(command: LabCommand) -> Result<ExitCode> {
+    match command {
+        LabCommand::Up { redirect, no_agents } => {
+            let options = if no_agents { UpOptions::no_agents() } else { UpOptions::with_agents(redirect) };
+            setup::ensure(if options.agents { Scope::Everything } else { Scope::Tools })?;
+            let lab = Lab::up(&options)?;
+            println!("{}", lab.status());
+        }
+        LabCommand::Down => {
+            Lab::down()?;
+            println!("lab is down");
+        }
+        LabCommand::Status => {
+            if Lab::is_up() {
+                println!("{}", Lab::load()?.status());
+            } else {
+                let leftovers = Lab::leftovers()?;
+                if leftovers.is_empty() {
+                    println!("lab is down");
+                } else {
+                    let shown: Vec<String> = leftovers.iter().map(|p| p.display().to_string()).collect();
+                    println!(
+                        "lab is down, but these are left over: {}\nremove them with `cargo xtask lab down`",
+                        shown.join(", ")
+                    );
+                }
+            }
+        }
+        LabCommand::Exec { target, command } => {
+            let lab = Lab::load()?;
+            let (program, args) = command.split_first().context("no command given after --")?;
+            let status = lab
+                .command(&target, program)?
+                .args(args)
+                .status()
+                .with_context(|| format!("running {program} in {target}"))?;
+            return Ok(crate::exit_code(status));
+        }
+        LabCommand::Ip { pod, v6 } => {
+            let lab = Lab::load()?;
+            let found = lab.try_pod(&pod).with_context(|| {
+                let ids: Vec<String> = lab.pods().iter().map(|p| p.id()).collect();
+                format!("the lab has no pod {pod}; pods: {}", ids.join(", "))
+            })?;
+            println!("{}", found.ip(if v6 { Family::V6 } else { Family::V4 }));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

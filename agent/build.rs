@@ -11,7 +11,15 @@ const FIX: &str = "run `cargo xtask setup` (it installs them), or by hand: \
 `rustup toolchain install nightly --component rust-src` and \
 `cargo +nightly install bpf-linker@0.10.0 --locked`";
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    // Print the cause chain only: a backtrace of the build script helps nobody here.
+    if let Err(err) = build() {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn build() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=PATH");
     check_prerequisites()?;
     let root_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../ebpf");

@@ -3,10 +3,21 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-/// Log filter unless RUST_LOG is set. aya warns at every start that the kernel refused the
+/// aya warns at every start, with a hundred lines of BTF, that the kernel refused the
 /// object's BTF (aya-log's `Global<u8>` has a type name the kernel rejects); the programs
-/// load without it, so that warning is noise for operators.
-const DEFAULT_LOG_FILTER: &str = "info,aya::bpf=error";
+/// load without it, so that warning is noise for operators. Kept quiet unless RUST_LOG
+/// mentions aya.
+const QUIET_AYA: &str = "aya::bpf=error";
+
+fn log_filter() -> EnvFilter {
+    let requested = std::env::var("RUST_LOG").unwrap_or_default();
+    let base = if requested.trim().is_empty() { "info".to_owned() } else { requested };
+    let directives = if base.contains("aya") { base } else { format!("{base},{QUIET_AYA}") };
+    EnvFilter::try_new(&directives).unwrap_or_else(|err| {
+        eprintln!("warning: RUST_LOG={directives:?} is not a valid log filter ({err}); using info");
+        EnvFilter::new(format!("info,{QUIET_AYA}"))
+    })
+}
 
 /// warren: sidecarless mutual TLS for Kubernetes pods, one agent per node.
 #[derive(Debug, Parser)]
@@ -25,7 +36,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER)))
+        .with_env_filter(log_filter())
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

@@ -105,7 +105,13 @@ pub fn start(launch: &Launch<'_>) -> Result<Pid> {
     }
 }
 
-fn wait_ready(child: &mut Child, node: &str, log: &Path, offset: u64, timeout: Duration) -> Result<()> {
+fn wait_ready(
+    child: &mut Child,
+    node: &str,
+    log: &Path,
+    offset: u64,
+    timeout: Duration,
+) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         if read_from(log, offset)?.contains(READY_TEXT) {
@@ -149,7 +155,11 @@ pub fn tail(log: &Path, offset: u64, lines: usize) -> String {
     if shown.is_empty() {
         "    (the log is empty)".to_string()
     } else {
-        shown.iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
+        shown
+            .iter()
+            .map(|l| format!("    {l}"))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 

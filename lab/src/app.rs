@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 pub use connect::{connect, ConnectOptions, DEFAULT_TCP_BYTES, DEFAULT_TIMEOUT, DEFAULT_UDP_BYTES};
 pub use harness::AppServer;
 pub use payload::Payload;
-pub use serve::{serve, ServeOptions};
 pub(crate) use serve::hex;
+pub use serve::{serve, ServeOptions};
 
 /// The greeting a `greet` server sends first.
 pub const GREETING: &str = "HELLO warren\n";
@@ -34,7 +34,9 @@ pub const GREETING: &str = "HELLO warren\n";
 pub const READY_PREFIX: &str = "READY ";
 
 /// What a TCP server does with a connection (see the module docs).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum AppMode {
     /// Echo until EOF, then half-close.
@@ -102,12 +104,23 @@ mod tests {
     /// until the test process exits) and return the port.
     fn start(mode: AppMode, udp: bool) -> u16 {
         let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || serve(ServeOptions { port: 0, mode, udp }, |port| tx.send(port).unwrap()));
-        rx.recv_timeout(Duration::from_secs(5)).expect("server ready")
+        std::thread::spawn(move || {
+            serve(ServeOptions { port: 0, mode, udp }, |port| {
+                tx.send(port).unwrap()
+            })
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("server ready")
     }
 
     fn run(mode: AppMode, udp: bool, addr: SocketAddr, bytes: u64) -> ConnectReport {
-        connect(&ConnectOptions { addr, mode, bytes, udp, timeout: Duration::from_secs(5) })
+        connect(&ConnectOptions {
+            addr,
+            mode,
+            bytes,
+            udp,
+            timeout: Duration::from_secs(5),
+        })
     }
 
     #[test]
@@ -147,7 +160,12 @@ mod tests {
     fn mismatches_and_failures_are_reported_not_hidden() {
         // An echo client against a sha server sees the wrong bytes.
         let port = start(AppMode::Sha, false);
-        let report = run(AppMode::Echo, false, (Ipv4Addr::LOCALHOST, port).into(), 1000);
+        let report = run(
+            AppMode::Echo,
+            false,
+            (Ipv4Addr::LOCALHOST, port).into(),
+            1000,
+        );
         assert!(!report.ok);
         assert!(report.detail.contains("differs"), "{report:?}");
         // A greet client against an echo server times out waiting for the greeting.
@@ -159,11 +177,20 @@ mod tests {
             udp: false,
             timeout: Duration::from_millis(300),
         });
-        assert!(!report.ok && report.detail.contains("timed out"), "{report:?}");
+        assert!(
+            !report.ok && report.detail.contains("timed out"),
+            "{report:?}"
+        );
         // Nothing listening.
-        let free = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap().local_addr().unwrap();
+        let free = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap();
         let report = run(AppMode::Echo, false, free, 10);
-        assert!(!report.ok && report.detail.contains("refused"), "{report:?}");
+        assert!(
+            !report.ok && report.detail.contains("refused"),
+            "{report:?}"
+        );
         assert!(report.local_addr.is_none());
         // The JSON line parses back.
         let parsed: ConnectReport = serde_json::from_str(&report.to_json()).unwrap();

@@ -80,7 +80,9 @@ pub fn build_bin(package: &str, bin: &str) -> Result<PathBuf> {
         messages.push_str(&line.context("reading cargo's output")?);
         messages.push('\n');
     }
-    let status = child.wait().with_context(|| format!("waiting for `{shown}`"))?;
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for `{shown}`"))?;
     if !status.success() {
         bail!("`{shown}` failed ({status}); the compiler output above says why");
     }
@@ -103,8 +105,14 @@ mod tests {
 {"reason":"compiler-artifact","target":{"kind":["bin"],"name":"warren"},"executable":"/t/debug/warren"}
 {"reason":"compiler-artifact","target":{"kind":["bin"],"name":"lab-app"},"executable":"/t/debug/lab-app"}
 {"reason":"build-finished","success":true}"#;
-        assert_eq!(executable_from_messages(messages, "lab-app").unwrap(), Path::new("/t/debug/lab-app"));
-        assert_eq!(executable_from_messages(messages, "warren").unwrap(), Path::new("/t/debug/warren"));
+        assert_eq!(
+            executable_from_messages(messages, "lab-app").unwrap(),
+            Path::new("/t/debug/lab-app")
+        );
+        assert_eq!(
+            executable_from_messages(messages, "warren").unwrap(),
+            Path::new("/t/debug/warren")
+        );
         assert_eq!(executable_from_messages(messages, "nope"), None);
     }
 

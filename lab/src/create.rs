@@ -17,13 +17,20 @@ pub fn create(topology: &Topology) -> Result<()> {
         add_netns(&node.netns_name, &node.netns_path, true)?;
     }
     add_netns(&topology.wire.netns_name, &topology.wire.netns_path, false)?;
-    add_netns(&topology.outside.netns_name, &topology.outside.netns_path, false)?;
+    add_netns(
+        &topology.outside.netns_name,
+        &topology.outside.netns_path,
+        false,
+    )?;
     for pod in &topology.pods {
         add_netns(&pod.netns_name, &pod.netns_path, false)?;
     }
 
     let wire = topology.wire.netns_name.as_str();
-    ip(Some(wire), ["link", "add", &topology.wire.bridge, "type", "bridge"])?;
+    ip(
+        Some(wire),
+        ["link", "add", &topology.wire.bridge, "type", "bridge"],
+    )?;
     ip(Some(wire), ["link", "set", &topology.wire.bridge, "up"])?;
 
     // Hosts on the wire: the nodes and the outside host.
@@ -38,9 +45,29 @@ pub fn create(topology: &Topology) -> Result<()> {
             topology.outside.ipv6,
         )));
     for (host_ns, wire_veth, ipv4, ipv6) in hosts {
-        ip(Some(wire), ["link", "add", wire_veth, "type", "veth", "peer", "name", ETH, "netns", host_ns])?;
-        ip(Some(wire), ["link", "set", wire_veth, "master", &topology.wire.bridge, "up"])?;
-        add_addresses(host_ns, ETH, &format!("{ipv4}/{PREFIX_V4}"), &format!("{ipv6}/{PREFIX_V6}"))?;
+        ip(
+            Some(wire),
+            [
+                "link", "add", wire_veth, "type", "veth", "peer", "name", ETH, "netns", host_ns,
+            ],
+        )?;
+        ip(
+            Some(wire),
+            [
+                "link",
+                "set",
+                wire_veth,
+                "master",
+                &topology.wire.bridge,
+                "up",
+            ],
+        )?;
+        add_addresses(
+            host_ns,
+            ETH,
+            &format!("{ipv4}/{PREFIX_V4}"),
+            &format!("{ipv6}/{PREFIX_V6}"),
+        )?;
         ip(Some(host_ns), ["link", "set", ETH, "up"])?;
     }
 
@@ -56,14 +83,52 @@ pub fn create(topology: &Topology) -> Result<()> {
         )?;
         ip(Some(ns), ["link", "set", NODE_BRIDGE, "up"])?;
         for other in topology.nodes.iter().filter(|o| o.name != node.name) {
-            ip(Some(ns), ["route", "add", &other.pod_cidr_v4, "via", &other.ipv4.to_string()])?;
-            ip(Some(ns), ["-6", "route", "add", &other.pod_cidr_v6, "via", &other.ipv6.to_string()])?;
+            ip(
+                Some(ns),
+                [
+                    "route",
+                    "add",
+                    &other.pod_cidr_v4,
+                    "via",
+                    &other.ipv4.to_string(),
+                ],
+            )?;
+            ip(
+                Some(ns),
+                [
+                    "-6",
+                    "route",
+                    "add",
+                    &other.pod_cidr_v6,
+                    "via",
+                    &other.ipv6.to_string(),
+                ],
+            )?;
         }
     }
     let outside = topology.outside.netns_name.as_str();
     for node in &topology.nodes {
-        ip(Some(outside), ["route", "add", &node.pod_cidr_v4, "via", &node.ipv4.to_string()])?;
-        ip(Some(outside), ["-6", "route", "add", &node.pod_cidr_v6, "via", &node.ipv6.to_string()])?;
+        ip(
+            Some(outside),
+            [
+                "route",
+                "add",
+                &node.pod_cidr_v4,
+                "via",
+                &node.ipv4.to_string(),
+            ],
+        )?;
+        ip(
+            Some(outside),
+            [
+                "-6",
+                "route",
+                "add",
+                &node.pod_cidr_v6,
+                "via",
+                &node.ipv6.to_string(),
+            ],
+        )?;
     }
 
     // Pods: a veth from the node's bridge, addresses, default routes via the bridge.
@@ -73,8 +138,25 @@ pub fn create(topology: &Topology) -> Result<()> {
             .with_context(|| format!("pod {} names unknown node {}", pod.id(), pod.node))?;
         let node_ns = node.netns_name.as_str();
         let pod_ns = pod.netns_name.as_str();
-        ip(Some(node_ns), ["link", "add", &pod.host_veth, "type", "veth", "peer", "name", ETH, "netns", pod_ns])?;
-        ip(Some(node_ns), ["link", "set", &pod.host_veth, "master", NODE_BRIDGE, "up"])?;
+        ip(
+            Some(node_ns),
+            [
+                "link",
+                "add",
+                &pod.host_veth,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                ETH,
+                "netns",
+                pod_ns,
+            ],
+        )?;
+        ip(
+            Some(node_ns),
+            ["link", "set", &pod.host_veth, "master", NODE_BRIDGE, "up"],
+        )?;
         add_addresses(
             pod_ns,
             ETH,
@@ -82,8 +164,27 @@ pub fn create(topology: &Topology) -> Result<()> {
             &format!("{}/{PREFIX_V6}", pod.ipv6),
         )?;
         ip(Some(pod_ns), ["link", "set", ETH, "up"])?;
-        ip(Some(pod_ns), ["route", "add", "default", "via", &node.gateway_v4.to_string()])?;
-        ip(Some(pod_ns), ["-6", "route", "add", "default", "via", &node.gateway_v6.to_string()])?;
+        ip(
+            Some(pod_ns),
+            [
+                "route",
+                "add",
+                "default",
+                "via",
+                &node.gateway_v4.to_string(),
+            ],
+        )?;
+        ip(
+            Some(pod_ns),
+            [
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &node.gateway_v6.to_string(),
+            ],
+        )?;
     }
 
     // cgroups: one per pod, one per agent.
@@ -103,7 +204,10 @@ fn add_netns(name: &str, path: &std::path::Path, forwarding: bool) -> Result<()>
     netns::add(name)?;
     ip(Some(name), ["link", "set", "lo", "up"])?;
     // Set on `default` before any interface exists, so every later one inherits it.
-    for key in ["net/ipv6/conf/all/accept_dad", "net/ipv6/conf/default/accept_dad"] {
+    for key in [
+        "net/ipv6/conf/all/accept_dad",
+        "net/ipv6/conf/default/accept_dad",
+    ] {
         netns::sysctl(path, key, "0")?;
     }
     if forwarding {

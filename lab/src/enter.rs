@@ -62,8 +62,10 @@ pub fn place(cmd: &mut Command, placement: &Placement, options: EnterOptions) ->
 
 fn open_procs(cgroup: &Path) -> Result<File> {
     let path = cgroup.join("cgroup.procs");
-    OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {} (is the lab up? `cargo xtask lab up`)", path.display()))
+    OpenOptions::new().write(true).open(&path).with_context(|| {
+        format!(
+            "opening {} (is the lab up? `cargo xtask lab up`)",
+            path.display()
+        )
+    })
 }

@@ -142,8 +142,11 @@ impl Lab {
         let created = (|| -> Result<Lab> {
             eprintln!("lab: creating namespaces, links and cgroups");
             create::create(&topology)?;
-            fs::write(dir.config(), AgentConfig::for_topology(&topology).to_yaml()?)
-                .with_context(|| format!("writing {}", dir.config().display()))?;
+            fs::write(
+                dir.config(),
+                AgentConfig::for_topology(&topology).to_yaml()?,
+            )
+            .with_context(|| format!("writing {}", dir.config().display()))?;
             let mut state = State::new(mode, topology.clone());
             state.agent_binary = binary;
             dir.write_state(lock, &state)?;
@@ -209,12 +212,20 @@ impl Lab {
                 let running = lab.agent_pid(&node.name);
                 match running {
                     Some(pid) if rebuilt => {
-                        lab.stop_agent_locked(lock, &node.name, Pid::from_raw(pid as i32), Signal::SIGTERM)?;
+                        lab.stop_agent_locked(
+                            lock,
+                            &node.name,
+                            Pid::from_raw(pid as i32),
+                            Signal::SIGTERM,
+                        )?;
                         lab.start_agent_locked(lock, &node.name)?;
                     }
                     Some(_) => {}
                     None => {
-                        eprintln!("lab: the agent of {} is not running; starting it", node.name);
+                        eprintln!(
+                            "lab: the agent of {} is not running; starting it",
+                            node.name
+                        );
                         lab.start_agent_locked(lock, &node.name)?;
                     }
                 }
@@ -239,8 +250,12 @@ impl Lab {
     }
 
     fn state_or_cached(&self) -> State {
-        self.read_state()
-            .unwrap_or_else(|_| self.cached.lock().unwrap_or_else(|e| e.into_inner()).clone())
+        self.read_state().unwrap_or_else(|_| {
+            self.cached
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+        })
     }
 
     // ---- topology ----------------------------------------------------------
@@ -336,7 +351,13 @@ impl Lab {
     /// it listens. Port 0 picks a free port ([`AppServer::port`] tells which).
     pub fn serve(&self, target: &str, port: u16, mode: AppMode) -> Result<AppServer> {
         let mut cmd = self.lab_app(target)?;
-        cmd.args(["serve", "--port", &port.to_string(), "--mode", mode.as_str()]);
+        cmd.args([
+            "serve",
+            "--port",
+            &port.to_string(),
+            "--mode",
+            mode.as_str(),
+        ]);
         AppServer::start(cmd, target.to_string())
     }
 
@@ -350,7 +371,13 @@ impl Lab {
     /// Run `lab-app connect` from `target` to `addr` and return its report. An
     /// exchange that fails is `Ok` with `report.ok == false`; `Err` means the client
     /// could not be run at all.
-    pub fn connect(&self, target: &str, addr: SocketAddr, mode: AppMode, bytes: u64) -> Result<ConnectReport> {
+    pub fn connect(
+        &self,
+        target: &str,
+        addr: SocketAddr,
+        mode: AppMode,
+        bytes: u64,
+    ) -> Result<ConnectReport> {
         self.connect_with(
             target,
             &ConnectOptions {
@@ -369,7 +396,10 @@ impl Lab {
         cmd.args(["connect", "--addr", &options.addr.to_string()])
             .args(["--mode", options.mode.as_str()])
             .args(["--bytes", &options.bytes.to_string()])
-            .args(["--timeout-secs", &options.timeout.as_secs().max(1).to_string()]);
+            .args([
+                "--timeout-secs",
+                &options.timeout.as_secs().max(1).to_string(),
+            ]);
         if options.udp {
             cmd.arg("--udp");
         }
@@ -441,10 +471,9 @@ impl Lab {
             .node(node_name)
             .with_context(|| format!("the lab has no node {node_name}"))?;
         let mut state = self.read_state()?;
-        let binary = state
-            .agent_binary
-            .clone()
-            .context("state.json records no agent binary; run `cargo xtask lab down` and up again")?;
+        let binary = state.agent_binary.clone().context(
+            "state.json records no agent binary; run `cargo xtask lab down` and up again",
+        )?;
         let log = self.dir.agent_log(node_name);
         eprintln!("lab: starting the agent of {node_name} (redirect {redirect})");
         let pid = agent::start(&Launch {
@@ -454,7 +483,10 @@ impl Lab {
             redirect,
             log: &log,
         })?;
-        eprintln!("lab: the agent of {node_name} is ready (pid {pid}, log {})", log.display());
+        eprintln!(
+            "lab: the agent of {node_name} is ready (pid {pid}, log {})",
+            log.display()
+        );
         state.agents.insert(
             node_name.to_string(),
             AgentRecord {
@@ -466,8 +498,15 @@ impl Lab {
         Ok(pid.as_raw() as u32)
     }
 
-    fn stop_agent_locked(&self, lock: &LabLock, node: &str, pid: Pid, signal: Signal) -> Result<()> {
-        process::signal(pid, signal).with_context(|| format!("sending {signal} to the agent of {node} (pid {pid})"))?;
+    fn stop_agent_locked(
+        &self,
+        lock: &LabLock,
+        node: &str,
+        pid: Pid,
+        signal: Signal,
+    ) -> Result<()> {
+        process::signal(pid, signal)
+            .with_context(|| format!("sending {signal} to the agent of {node} (pid {pid})"))?;
         if !process::wait_exit(pid, AGENT_EXIT_TIMEOUT) {
             bail!(
                 "the agent of {node} (pid {pid}) still runs {}s after {signal}; see {}",
@@ -489,8 +528,17 @@ impl Lab {
         let t = &self.topology;
         let state = self.state_or_cached();
         let mut s = String::new();
-        let _ = writeln!(s, "lab is up, mode {} (runtime dir {})", self.mode, self.dir.root().display());
-        let _ = writeln!(s, "wire: netns {}, bridge {}", t.wire.netns_name, t.wire.bridge);
+        let _ = writeln!(
+            s,
+            "lab is up, mode {} (runtime dir {})",
+            self.mode,
+            self.dir.root().display()
+        );
+        let _ = writeln!(
+            s,
+            "wire: netns {}, bridge {}",
+            t.wire.netns_name, t.wire.bridge
+        );
         let _ = writeln!(s, "nodes:");
         for n in &t.nodes {
             let _ = writeln!(
@@ -530,7 +578,12 @@ impl Lab {
                     (Some(pid), None) => format!("pid {pid}, NOT running"),
                     (None, None) => "not running".to_string(),
                 };
-                let _ = writeln!(s, "  {:<8} {what:<22} log {}", n.name, self.agent_log_path(&n.name).display());
+                let _ = writeln!(
+                    s,
+                    "  {:<8} {what:<22} log {}",
+                    n.name,
+                    self.agent_log_path(&n.name).display()
+                );
             }
             if let Some(binary) = &state.agent_binary {
                 let _ = writeln!(s, "  binary {}", binary.path.display());
@@ -589,11 +642,25 @@ fn sha256_file(path: &Path) -> Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
     }
     Ok(app::hex(&hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lab_can_be_shared_between_test_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<Lab>();
+        shareable::<AppServer>();
+    }
 }

@@ -36,17 +36,17 @@
 pub mod agent;
 pub mod app;
 pub mod cargo;
-pub mod cgroup;
+mod cgroup;
 pub mod config;
 mod create;
-pub mod enter;
+mod enter;
 mod lab;
 pub mod mounts;
-pub mod netns;
+mod netns;
 pub mod options;
 pub mod prereq;
-pub mod process;
-pub mod state;
+mod process;
+mod state;
 mod teardown;
 pub mod topology;
 

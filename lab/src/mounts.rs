@@ -51,7 +51,9 @@ fn unescape(field: &str) -> String {
         if bytes[i] == b'\\' && i + 4 <= bytes.len() {
             let digits = &bytes[i + 1..i + 4];
             if digits.iter().all(|d| (b'0'..=b'7').contains(d)) {
-                let value = digits.iter().fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
+                let value = digits
+                    .iter()
+                    .fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
                 if let Ok(value) = u8::try_from(value) {
                     out.push(value);
                     i += 4;
@@ -73,7 +75,10 @@ pub fn find_cgroup2(mounts: &[Mount]) -> Option<PathBuf> {
         .filter(|m| m.fs_type == "cgroup2" && m.root == "/")
         .collect();
     for preferred in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
-        if let Some(m) = candidates.iter().find(|m| m.mount_point == Path::new(preferred)) {
+        if let Some(m) = candidates
+            .iter()
+            .find(|m| m.mount_point == Path::new(preferred))
+        {
             return Some(m.mount_point.clone());
         }
     }
@@ -140,8 +145,13 @@ mod tests {
     fn finds_cgroup2_on_hybrid_hosts() {
         let mounts = parse_mountinfo(HYBRID);
         assert_eq!(mounts.len(), 5);
-        assert_eq!(find_cgroup2(&mounts).unwrap(), Path::new("/sys/fs/cgroup/unified"));
-        assert!(mounts.iter().any(|m| m.fs_type == "bpf" && m.mount_point == Path::new(BPFFS)));
+        assert_eq!(
+            find_cgroup2(&mounts).unwrap(),
+            Path::new("/sys/fs/cgroup/unified")
+        );
+        assert!(mounts
+            .iter()
+            .any(|m| m.fs_type == "bpf" && m.mount_point == Path::new(BPFFS)));
     }
 
     #[test]
@@ -151,7 +161,10 @@ mod tests {
 51 1 0:40 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw
 52 1 0:40 / /mnt/other rw - cgroup2 cgroup2 rw
 ";
-        assert_eq!(find_cgroup2(&parse_mountinfo(text)).unwrap(), Path::new("/sys/fs/cgroup"));
+        assert_eq!(
+            find_cgroup2(&parse_mountinfo(text)).unwrap(),
+            Path::new("/sys/fs/cgroup")
+        );
         let only_sub = "50 1 0:40 /some/sub /mnt/nested rw - cgroup2 cgroup2 rw\n";
         assert_eq!(find_cgroup2(&parse_mountinfo(only_sub)), None);
         assert_eq!(find_cgroup2(&parse_mountinfo("")), None);

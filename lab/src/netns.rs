@@ -37,10 +37,9 @@ where
 /// and carrying its stderr.
 pub(crate) fn run(cmd: &mut Command) -> Result<String> {
     let shown = show(cmd);
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running `{shown}` (is it installed? `cargo xtask setup` installs iproute2)"))?;
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| {
+        format!("running `{shown}` (is it installed? `cargo xtask setup` installs iproute2)")
+    })?;
     if !out.status.success() {
         bail!(
             "`{shown}` failed ({}): {}",
@@ -138,6 +137,11 @@ where
 /// from a thread inside the namespace.
 pub fn sysctl(netns_path: &Path, key: &str, value: &str) -> Result<()> {
     let file = Path::new("/proc/sys").join(key);
-    run_in(netns_path, || fs::write(&file, value))?
-        .with_context(|| format!("setting {} = {value} in {}", file.display(), netns_path.display()))
+    run_in(netns_path, || fs::write(&file, value))?.with_context(|| {
+        format!(
+            "setting {} = {value} in {}",
+            file.display(),
+            netns_path.display()
+        )
+    })
 }

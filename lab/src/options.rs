@@ -8,7 +8,9 @@ use anyhow::bail;
 use serde::{Deserialize, Serialize};
 
 /// The agent's `--redirect` mode.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum RedirectMode {
     /// Let the agent probe the kernel and choose.
@@ -80,19 +82,28 @@ pub struct UpOptions {
 impl Default for UpOptions {
     /// Agents on, redirect mode `auto`.
     fn default() -> Self {
-        UpOptions { redirect: RedirectMode::Auto, agents: true }
+        UpOptions {
+            redirect: RedirectMode::Auto,
+            agents: true,
+        }
     }
 }
 
 impl UpOptions {
     /// Agents on, with the given redirect mode.
     pub fn with_agents(redirect: RedirectMode) -> Self {
-        UpOptions { redirect, agents: true }
+        UpOptions {
+            redirect,
+            agents: true,
+        }
     }
 
     /// The topology alone, no agents.
     pub fn no_agents() -> Self {
-        UpOptions { redirect: RedirectMode::Auto, agents: false }
+        UpOptions {
+            redirect: RedirectMode::Auto,
+            agents: false,
+        }
     }
 
     /// The lab mode these options produce.

@@ -53,7 +53,10 @@ impl Fix {
         match self {
             Fix::Apt(pkg) => format!("apt-get update && apt-get install -y {pkg}"),
             Fix::RustupToolchain(tc) => format!("rustup toolchain install {tc} --profile minimal"),
-            Fix::RustupComponent { component, toolchain } => {
+            Fix::RustupComponent {
+                component,
+                toolchain,
+            } => {
                 format!("rustup component add {component} --toolchain {toolchain}")
             }
             Fix::CargoInstall { krate, version } => {
@@ -77,7 +80,10 @@ pub struct Missing {
 
 impl fmt::Display for Missing {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({}): `{}`", self.what, self.detail, self.fix.command())
+        match &self.fix {
+            Fix::Manual(what) => write!(f, "{} ({}): {what}", self.what, self.detail),
+            fix => write!(f, "{} ({}): `{}`", self.what, self.detail, fix.command()),
+        }
     }
 }
 
@@ -131,7 +137,9 @@ pub fn check_tools() -> Vec<Missing> {
 
 /// Whether `bpf-linker --version` output is of the supported release line.
 pub fn bpf_linker_version_ok(version_output: &str) -> bool {
-    let wanted = BPF_LINKER_VERSION.rsplit_once('.').map_or(BPF_LINKER_VERSION, |(line, _)| line);
+    let wanted = BPF_LINKER_VERSION
+        .rsplit_once('.')
+        .map_or(BPF_LINKER_VERSION, |(line, _)| line);
     version_output
         .split_whitespace()
         .nth(1)
@@ -146,7 +154,7 @@ pub fn check_toolchain() -> Vec<Missing> {
         missing.push(Missing {
             what: "rustup".into(),
             detail: "not found or not working".into(),
-            fix: Fix::Manual("install rustup from your distribution or rustup.rs".into()),
+            fix: Fix::Manual("install rustup (Debian package `rustup`, or from rustup.rs)".into()),
         });
         return missing;
     };
@@ -158,9 +166,11 @@ pub fn check_toolchain() -> Vec<Missing> {
         });
         missing.push(rust_src_missing());
     } else {
-        let components =
-            output("rustup", &["component", "list", "--toolchain", "nightly", "--installed"])
-                .unwrap_or_default();
+        let components = output(
+            "rustup",
+            &["component", "list", "--toolchain", "nightly", "--installed"],
+        )
+        .unwrap_or_default();
         if !components.lines().any(|l| l.trim().starts_with("rust-src")) {
             missing.push(rust_src_missing());
         }
@@ -176,7 +186,10 @@ pub fn check_toolchain() -> Vec<Missing> {
     match output("bpf-linker", &["--version"]) {
         Some(v) if bpf_linker_version_ok(&v) => {}
         Some(v) => missing.push(Missing {
-            detail: format!("found {}, need {BPF_LINKER_VERSION} (newer ones need LLVM 23)", v.trim()),
+            detail: format!(
+                "found {}, need {BPF_LINKER_VERSION} (newer ones need LLVM 23)",
+                v.trim()
+            ),
             ..linker
         }),
         None => {
@@ -190,7 +203,10 @@ pub fn check_toolchain() -> Vec<Missing> {
                     detail: format!("installed in {} but that is not on PATH", bin.display()),
                     fix: Fix::Manual(format!("export PATH=\"{}:$PATH\"", bin.display())),
                 }),
-                None => missing.push(Missing { detail: "not installed".into(), ..linker }),
+                None => missing.push(Missing {
+                    detail: "not installed".into(),
+                    ..linker
+                }),
             }
         }
     }
@@ -251,10 +267,20 @@ mod tests {
 
     #[test]
     fn fixes_read_as_commands() {
-        let fix = Fix::CargoInstall { krate: "bpf-linker".into(), version: "0.10.0".into() };
-        assert_eq!(fix.command(), "cargo +nightly install bpf-linker@0.10.0 --locked");
+        let fix = Fix::CargoInstall {
+            krate: "bpf-linker".into(),
+            version: "0.10.0".into(),
+        };
         assert_eq!(
-            Fix::RustupComponent { component: "rust-src".into(), toolchain: "nightly".into() }.command(),
+            fix.command(),
+            "cargo +nightly install bpf-linker@0.10.0 --locked"
+        );
+        assert_eq!(
+            Fix::RustupComponent {
+                component: "rust-src".into(),
+                toolchain: "nightly".into()
+            }
+            .command(),
             "rustup component add rust-src --toolchain nightly"
         );
         assert!(find_program("sh").is_some());

@@ -44,9 +44,7 @@ pub fn is_agent_cmdline(argv: &[String], node: &str) -> bool {
         .first()
         .and_then(|a| Path::new(a).file_name())
         .is_some_and(|n| n == "warren");
-    let has_node = argv
-        .windows(2)
-        .any(|w| w[0] == "--node" && w[1] == node)
+    let has_node = argv.windows(2).any(|w| w[0] == "--node" && w[1] == node)
         || argv.iter().any(|a| *a == format!("--node={node}"));
     is_warren && argv.get(1).is_some_and(|a| a == "agent") && has_node
 }
@@ -106,7 +104,10 @@ mod tests {
         assert!(is_agent_cmdline(&a, "n1"));
         assert!(!is_agent_cmdline(&a, "n2"));
         assert!(is_agent_cmdline(&argv("warren agent --node=n2"), "n2"));
-        assert!(!is_agent_cmdline(&argv("/usr/bin/sleep agent --node n1"), "n1"));
+        assert!(!is_agent_cmdline(
+            &argv("/usr/bin/sleep agent --node n1"),
+            "n1"
+        ));
         assert!(!is_agent_cmdline(&argv("warren ca --node n1"), "n1"));
         assert!(!is_agent_cmdline(&[], "n1"));
     }

@@ -27,7 +27,9 @@ pub struct RuntimeDir {
 
 impl Default for RuntimeDir {
     fn default() -> Self {
-        RuntimeDir { root: PathBuf::from(RUNTIME_DIR) }
+        RuntimeDir {
+            root: PathBuf::from(RUNTIME_DIR),
+        }
     }
 }
 
@@ -110,7 +112,8 @@ impl RuntimeDir {
         let tmp = self.root.join("state.json.tmp");
         let text = serde_json::to_string_pretty(state).context("serialising lab state")?;
         fs::write(&tmp, text + "\n").with_context(|| format!("writing {}", tmp.display()))?;
-        fs::rename(&tmp, &path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+        fs::rename(&tmp, &path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
     }
 }
 
@@ -172,7 +175,8 @@ mod tests {
     use crate::options::RedirectMode;
 
     fn tempdir(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("warren-lab-test-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("warren-lab-test-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         dir
     }
@@ -187,7 +191,13 @@ mod tests {
             LabMode::Agents(RedirectMode::Ebpf),
             Topology::standard(Path::new("/sys/fs/cgroup")),
         );
-        state.agents.insert("n1".into(), AgentRecord { pid: Some(42), log: dir.agent_log("n1") });
+        state.agents.insert(
+            "n1".into(),
+            AgentRecord {
+                pid: Some(42),
+                log: dir.agent_log("n1"),
+            },
+        );
         dir.write_state(&lock, &state).unwrap();
         assert_eq!(dir.read_state().unwrap().unwrap(), state);
         // Removing the directory under the lock, as `down` does, lets the next

@@ -11,9 +11,9 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use nix::unistd::Pid;
 
+use crate::agent::BPF_PIN_ROOT;
 use crate::state::{LabLock, RuntimeDir, State};
 use crate::topology::{Topology, LAB_CGROUP};
-use crate::agent::BPF_PIN_ROOT;
 use crate::{cgroup, mounts, netns, process};
 
 /// How long agents get to exit after SIGTERM before SIGKILL.

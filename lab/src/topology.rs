@@ -231,10 +231,34 @@ const NODES: &[(&str, u8, u8)] = &[
 ];
 const OUTSIDE_HOST: u8 = 100;
 const PODS: &[PodSpec] = &[
-    PodSpec { namespace: "demo", name: "client", node: "n1", service_account: "client", host: 10 },
-    PodSpec { namespace: "demo", name: "peer", node: "n1", service_account: "peer", host: 11 },
-    PodSpec { namespace: "legacy", name: "client", node: "n1", service_account: "default", host: 12 },
-    PodSpec { namespace: "demo", name: "server", node: "n2", service_account: "server", host: 10 },
+    PodSpec {
+        namespace: "demo",
+        name: "client",
+        node: "n1",
+        service_account: "client",
+        host: 10,
+    },
+    PodSpec {
+        namespace: "demo",
+        name: "peer",
+        node: "n1",
+        service_account: "peer",
+        host: 11,
+    },
+    PodSpec {
+        namespace: "legacy",
+        name: "client",
+        node: "n1",
+        service_account: "default",
+        host: 12,
+    },
+    PodSpec {
+        namespace: "demo",
+        name: "server",
+        node: "n2",
+        service_account: "server",
+        host: 10,
+    },
 ];
 
 fn netns_path(name: &str) -> PathBuf {
@@ -248,7 +272,16 @@ fn wire_v6(host: u8) -> Ipv6Addr {
 }
 
 fn pod_v6(net: u8, host: u8) -> Ipv6Addr {
-    Ipv6Addr::new(0xfd00, 0x77, u16::from(net), 0, 0, 0, 0, decimal_as_hex(host))
+    Ipv6Addr::new(
+        0xfd00,
+        0x77,
+        u16::from(net),
+        0,
+        0,
+        0,
+        0,
+        decimal_as_hex(host),
+    )
 }
 
 /// 11 → 0x11, 100 → 0x100: keeps IPv4 and IPv6 host parts visually identical.
@@ -301,8 +334,10 @@ impl Topology {
                 .filter(|p| p.node == spec.node)
                 .map(|p| p.host_veth.clone())
                 .collect();
-            let netns_name =
-                format!("{NETNS_PREFIX}{}-{}-{}", spec.node, spec.namespace, spec.name);
+            let netns_name = format!(
+                "{NETNS_PREFIX}{}-{}-{}",
+                spec.node, spec.namespace, spec.name
+            );
             pods.push(Pod {
                 namespace: spec.namespace.to_string(),
                 name: spec.name.to_string(),
@@ -374,18 +409,21 @@ impl Topology {
     pub fn resolve(&self, target: &Target) -> Result<Placement> {
         match target {
             Target::Pod { namespace, name } => {
-                let pod = self
-                    .pod(&format!("{namespace}/{name}"))
-                    .with_context(|| format!("the lab has no pod {namespace}/{name}; {}", self.targets_hint()))?;
+                let pod = self.pod(&format!("{namespace}/{name}")).with_context(|| {
+                    format!(
+                        "the lab has no pod {namespace}/{name}; {}",
+                        self.targets_hint()
+                    )
+                })?;
                 Ok(Placement {
                     netns_path: pod.netns_path.clone(),
                     cgroup: Some(pod.cgroup.clone()),
                 })
             }
             Target::Node(name) => {
-                let node = self
-                    .node(name)
-                    .with_context(|| format!("the lab has no node {name}; {}", self.targets_hint()))?;
+                let node = self.node(name).with_context(|| {
+                    format!("the lab has no node {name}; {}", self.targets_hint())
+                })?;
                 Ok(Placement {
                     netns_path: node.netns_path.clone(),
                     cgroup: None,
@@ -504,12 +542,26 @@ mod tests {
     fn parses_targets() {
         assert_eq!(
             "demo/client".parse::<Target>().unwrap(),
-            Target::Pod { namespace: "demo".into(), name: "client".into() }
+            Target::Pod {
+                namespace: "demo".into(),
+                name: "client".into()
+            }
         );
-        assert_eq!("node/n2".parse::<Target>().unwrap(), Target::Node("n2".into()));
+        assert_eq!(
+            "node/n2".parse::<Target>().unwrap(),
+            Target::Node("n2".into())
+        );
         assert_eq!("outside".parse::<Target>().unwrap(), Target::Outside);
         assert_eq!("wire".parse::<Target>().unwrap(), Target::Wire);
-        for bad in ["", "client", "demo/", "/client", "demo/client/x", "a b/c", "outside/x/"] {
+        for bad in [
+            "",
+            "client",
+            "demo/",
+            "/client",
+            "demo/client/x",
+            "a b/c",
+            "outside/x/",
+        ] {
             assert!(bad.parse::<Target>().is_err(), "{bad:?} should not parse");
         }
         for s in ["demo/client", "node/n1", "outside", "wire"] {
@@ -524,11 +576,20 @@ mod tests {
         assert_eq!(client.ipv4, Ipv4Addr::new(10, 77, 1, 10));
         assert_eq!(client.ipv6, "fd00:77:1::10".parse::<Ipv6Addr>().unwrap());
         assert_eq!(client.netns_name, "warren-n1-demo-client");
-        assert_eq!(client.netns_path, Path::new("/run/netns/warren-n1-demo-client"));
-        assert_eq!(client.cgroup, Path::new("/sys/fs/cgroup/unified/warren-lab/n1/demo-client"));
+        assert_eq!(
+            client.netns_path,
+            Path::new("/run/netns/warren-n1-demo-client")
+        );
+        assert_eq!(
+            client.cgroup,
+            Path::new("/sys/fs/cgroup/unified/warren-lab/n1/demo-client")
+        );
         assert!(client.enrolled);
         let server = t.pod("demo/server").unwrap();
-        assert_eq!(server.addr(Family::V6, 8080).to_string(), "[fd00:77:2::10]:8080");
+        assert_eq!(
+            server.addr(Family::V6, 8080).to_string(),
+            "[fd00:77:2::10]:8080"
+        );
         let legacy = t.pod("legacy/client").unwrap();
         assert!(!legacy.enrolled);
         assert_eq!(legacy.service_account, "default");
@@ -536,7 +597,10 @@ mod tests {
         assert_eq!(n2.ipv6, "fd00:77::12".parse::<Ipv6Addr>().unwrap());
         assert_eq!(n2.gateway_v6, "fd00:77:2::1".parse::<Ipv6Addr>().unwrap());
         assert_eq!(n2.pod_cidr_v6, "fd00:77:2::/64");
-        assert_eq!(n2.agent_cgroup, Path::new("/sys/fs/cgroup/unified/warren-lab/n2/agent"));
+        assert_eq!(
+            n2.agent_cgroup,
+            Path::new("/sys/fs/cgroup/unified/warren-lab/n2/agent")
+        );
         assert_eq!(t.outside.ipv6, "fd00:77::100".parse::<Ipv6Addr>().unwrap());
     }
 
@@ -563,12 +627,21 @@ mod tests {
         let t = topo();
         let p = t.resolve(&"demo/peer".parse().unwrap()).unwrap();
         assert_eq!(p.netns_path, Path::new("/run/netns/warren-n1-demo-peer"));
-        assert_eq!(p.cgroup.unwrap(), Path::new("/sys/fs/cgroup/unified/warren-lab/n1/demo-peer"));
+        assert_eq!(
+            p.cgroup.unwrap(),
+            Path::new("/sys/fs/cgroup/unified/warren-lab/n1/demo-peer")
+        );
         let p = t.resolve(&Target::Node("n2".into())).unwrap();
         assert_eq!(p.netns_path, Path::new("/run/netns/warren-n2"));
         assert!(p.cgroup.is_none());
-        let err = t.resolve(&"demo/nope".parse().unwrap()).unwrap_err().to_string();
-        assert!(err.contains("no pod demo/nope") && err.contains("legacy/client"), "{err}");
+        let err = t
+            .resolve(&"demo/nope".parse().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no pod demo/nope") && err.contains("legacy/client"),
+            "{err}"
+        );
         assert!(t.resolve(&Target::Node("n9".into())).is_err());
     }
 
@@ -576,6 +649,9 @@ mod tests {
     fn host_veth_falls_back_when_truncation_collides() {
         let taken = vec!["vp-namespace-ab".to_string()];
         assert_eq!(host_veth_name("namespace", "abc", 7, &taken), "veth7");
-        assert_eq!(host_veth_name("demo", "client", 0, &taken), "vp-demo-client");
+        assert_eq!(
+            host_veth_name("demo", "client", 0, &taken),
+            "vp-demo-client"
+        );
     }
 }

@@ -33,7 +33,11 @@ fn topology_connects_what_it_should() -> Result<()> {
         "this test creates network namespaces and needs root; run `sudo -E cargo xtask test`"
     );
     let created = !Lab::is_up();
-    let lab = if created { Lab::up(&UpOptions::no_agents())? } else { Lab::load()? };
+    let lab = if created {
+        Lab::up(&UpOptions::no_agents())?
+    } else {
+        Lab::load()?
+    };
     let _down = DownIfCreated(created);
 
     let server = lab.serve("demo/server", 0, AppMode::Echo)?;
@@ -42,14 +46,46 @@ fn topology_connects_what_it_should() -> Result<()> {
     let udp = lab.serve_udp("demo/peer", 0)?;
 
     let cases = [
-        ("demo/client", lab.pod("demo/server").addr(Family::V4, server.port()), AppMode::Echo),
-        ("demo/client", lab.pod("demo/server").addr(Family::V6, server.port()), AppMode::Echo),
-        ("legacy/client", lab.pod("demo/peer").addr(Family::V6, peer.port()), AppMode::Sha),
-        ("demo/server", lab.pod("demo/peer").addr(Family::V4, peer.port()), AppMode::Sha),
-        ("node/n1", lab.pod("demo/server").addr(Family::V4, server.port()), AppMode::Echo),
-        ("node/n2", lab.pod("demo/peer").addr(Family::V6, peer.port()), AppMode::Sha),
-        ("demo/client", (lab.outside_ip(Family::V4), outside.port()).into(), AppMode::Greet),
-        ("demo/server", (lab.outside_ip(Family::V6), outside.port()).into(), AppMode::Greet),
+        (
+            "demo/client",
+            lab.pod("demo/server").addr(Family::V4, server.port()),
+            AppMode::Echo,
+        ),
+        (
+            "demo/client",
+            lab.pod("demo/server").addr(Family::V6, server.port()),
+            AppMode::Echo,
+        ),
+        (
+            "legacy/client",
+            lab.pod("demo/peer").addr(Family::V6, peer.port()),
+            AppMode::Sha,
+        ),
+        (
+            "demo/server",
+            lab.pod("demo/peer").addr(Family::V4, peer.port()),
+            AppMode::Sha,
+        ),
+        (
+            "node/n1",
+            lab.pod("demo/server").addr(Family::V4, server.port()),
+            AppMode::Echo,
+        ),
+        (
+            "node/n2",
+            lab.pod("demo/peer").addr(Family::V6, peer.port()),
+            AppMode::Sha,
+        ),
+        (
+            "demo/client",
+            (lab.outside_ip(Family::V4), outside.port()).into(),
+            AppMode::Greet,
+        ),
+        (
+            "demo/server",
+            (lab.outside_ip(Family::V6), outside.port()).into(),
+            AppMode::Greet,
+        ),
     ];
     // From several threads at once, as tests use the lab.
     thread::scope(|scope| -> Result<()> {
@@ -83,12 +119,17 @@ fn topology_connects_what_it_should() -> Result<()> {
     ensure!(report.ok, "UDP outside -> demo/peer failed: {report:?}");
 
     // A pod command runs in the pod's cgroup.
-    let out = lab.command("demo/client", "cat")?.arg("/proc/self/cgroup").output()?;
+    let out = lab
+        .command("demo/client", "cat")?
+        .arg("/proc/self/cgroup")
+        .output()?;
     let cgroups = String::from_utf8(out.stdout)?;
     let client = lab.pod("demo/client");
     let relative = client.cgroup.strip_prefix(&lab.topology().cgroup2_mount)?;
     ensure!(
-        cgroups.lines().any(|l| l == format!("0::/{}", relative.display())),
+        cgroups
+            .lines()
+            .any(|l| l == format!("0::/{}", relative.display())),
         "demo/client command is not in {}: {cgroups}",
         client.cgroup.display()
     );
@@ -110,8 +151,10 @@ fn topology_connects_what_it_should() -> Result<()> {
             }
             // And the namespace is not the test's own: the pod's address is local.
             if let Some(pod) = lab.try_pod(target) {
-                UdpSocket::bind((pod.ipv4, 0)).with_context(|| format!("{} is not local in {target}", pod.ipv4))?;
-                UdpSocket::bind((pod.ipv6, 0)).with_context(|| format!("{} is not local in {target}", pod.ipv6))?;
+                UdpSocket::bind((pod.ipv4, 0))
+                    .with_context(|| format!("{} is not local in {target}", pod.ipv4))?;
+                UdpSocket::bind((pod.ipv6, 0))
+                    .with_context(|| format!("{} is not local in {target}", pod.ipv6))?;
             }
             Ok(())
         })??;
@@ -119,9 +162,14 @@ fn topology_connects_what_it_should() -> Result<()> {
 
     // With agents: stop one and start it again through the API, then traffic flows.
     if lab.redirect().is_some() {
-        let before = lab.agent_pid("n2").context("the agent of n2 is not running")?;
+        let before = lab
+            .agent_pid("n2")
+            .context("the agent of n2 is not running")?;
         lab.kill_agent("n2", warren_lab::Signal::SIGTERM)?;
-        ensure!(lab.agent_pid("n2").is_none(), "the agent of n2 still runs after kill_agent");
+        ensure!(
+            lab.agent_pid("n2").is_none(),
+            "the agent of n2 still runs after kill_agent"
+        );
         let after = lab.start_agent("n2")?;
         ensure!(after != before && lab.agent_pid("n2") == Some(after));
         let addr = lab.pod("demo/server").addr(Family::V6, server.port());

@@ -34,15 +34,43 @@ struct Case {
 }
 
 const CASES: &[Case] = &[
-    Case { from: "demo/client", to: "demo/server", family: Family::V4, what: "across nodes" },
-    Case { from: "demo/client", to: "demo/server", family: Family::V6, what: "across nodes" },
-    Case { from: "demo/client", to: "demo/peer", family: Family::V4, what: "same node" },
-    Case { from: "legacy/client", to: "demo/server", family: Family::V4, what: "from outside the mesh" },
+    Case {
+        from: "demo/client",
+        to: "demo/server",
+        family: Family::V4,
+        what: "across nodes",
+    },
+    Case {
+        from: "demo/client",
+        to: "demo/server",
+        family: Family::V6,
+        what: "across nodes",
+    },
+    Case {
+        from: "demo/client",
+        to: "demo/peer",
+        family: Family::V4,
+        what: "same node",
+    },
+    Case {
+        from: "legacy/client",
+        to: "demo/server",
+        family: Family::V4,
+        what: "from outside the mesh",
+    },
 ];
 
 pub fn run(redirect: RedirectMode, agents: bool) -> Result<ExitCode> {
-    let options = if agents { UpOptions::with_agents(redirect) } else { UpOptions::no_agents() };
-    setup::ensure(if agents { Scope::Everything } else { Scope::Tools })?;
+    let options = if agents {
+        UpOptions::with_agents(redirect)
+    } else {
+        UpOptions::no_agents()
+    };
+    setup::ensure(if agents {
+        Scope::Everything
+    } else {
+        Scope::Tools
+    })?;
     let _down = DownGuard;
     let lab = Lab::up(&options)?;
     println!("lab is up, mode {}", lab.mode());
@@ -82,10 +110,16 @@ pub fn run(redirect: RedirectMode, agents: bool) -> Result<ExitCode> {
 
     println!();
     if failed == 0 {
-        println!("demo passed: {} connections, {BYTES} bytes each, checked by sha256", CASES.len());
+        println!(
+            "demo passed: {} connections, {BYTES} bytes each, checked by sha256",
+            CASES.len()
+        );
         Ok(ExitCode::SUCCESS)
     } else {
-        println!("demo FAILED: {failed} of {} connections failed", CASES.len());
+        println!(
+            "demo FAILED: {failed} of {} connections failed",
+            CASES.len()
+        );
         Ok(ExitCode::FAILURE)
     }
 }

@@ -45,9 +45,20 @@ pub enum LabCommand {
 
 pub fn run(command: LabCommand) -> Result<ExitCode> {
     match command {
-        LabCommand::Up { redirect, no_agents } => {
-            let options = if no_agents { UpOptions::no_agents() } else { UpOptions::with_agents(redirect) };
-            setup::ensure(if options.agents { Scope::Everything } else { Scope::Tools })?;
+        LabCommand::Up {
+            redirect,
+            no_agents,
+        } => {
+            let options = if no_agents {
+                UpOptions::no_agents()
+            } else {
+                UpOptions::with_agents(redirect)
+            };
+            setup::ensure(if options.agents {
+                Scope::Everything
+            } else {
+                Scope::Tools
+            })?;
             let lab = Lab::up(&options)?;
             println!("{}", lab.status());
         }
@@ -63,7 +74,8 @@ pub fn run(command: LabCommand) -> Result<ExitCode> {
                 if leftovers.is_empty() {
                     println!("lab is down");
                 } else {
-                    let shown: Vec<String> = leftovers.iter().map(|p| p.display().to_string()).collect();
+                    let shown: Vec<String> =
+                        leftovers.iter().map(|p| p.display().to_string()).collect();
                     println!(
                         "lab is down, but these are left over: {}\nremove them with `cargo xtask lab down`",
                         shown.join(", ")
@@ -74,11 +86,13 @@ pub fn run(command: LabCommand) -> Result<ExitCode> {
         LabCommand::Exec { target, command } => {
             let lab = Lab::load()?;
             let (program, args) = command.split_first().context("no command given after --")?;
-            let status = lab
-                .command(&target, program)?
-                .args(args)
-                .status()
-                .with_context(|| format!("running {program} in {target}"))?;
+            let status = match lab.command(&target, program)?.args(args).status() {
+                Ok(status) => status,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    anyhow::bail!("{program}: command not found in {target} (PATH is the caller's)")
+                }
+                Err(e) => return Err(e).with_context(|| format!("running {program} in {target}")),
+            };
             return Ok(crate::exit_code(status));
         }
         LabCommand::Ip { pod, v6 } => {

@@ -14,7 +14,11 @@ use clap::{Parser, Subcommand};
 use warren_lab::RedirectMode;
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "warren's development tasks", bin_name = "cargo xtask")]
+#[command(
+    name = "cargo xtask",
+    about = "warren's development tasks",
+    bin_name = "cargo xtask"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -51,9 +55,15 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Setup => setup::ensure(setup::Scope::Everything).map(|()| ExitCode::SUCCESS),
+        Command::Setup => setup::ensure(setup::Scope::Everything).map(|()| {
+            println!("setup: all prerequisites are present");
+            ExitCode::SUCCESS
+        }),
         Command::Lab { command } => lab::run(command),
-        Command::Demo { redirect, no_agents } => demo::run(redirect, !no_agents),
+        Command::Demo {
+            redirect,
+            no_agents,
+        } => demo::run(redirect, !no_agents),
         Command::Test { args } => test::run(&args),
     };
     match result {

@@ -42,7 +42,12 @@ pub fn ensure(scope: Scope) -> Result<()> {
         if root && has_apt {
             install_apt(&packages)?;
         } else {
-            cannot.extend(missing.iter().filter(|m| matches!(m.fix, Fix::Apt(_))).cloned());
+            cannot.extend(
+                missing
+                    .iter()
+                    .filter(|m| matches!(m.fix, Fix::Apt(_)))
+                    .cloned(),
+            );
         }
     }
     for item in missing.iter().filter(|m| !matches!(m.fix, Fix::Apt(_))) {
@@ -52,7 +57,10 @@ pub fn ensure(scope: Scope) -> Result<()> {
                 c.args(["toolchain", "install", toolchain, "--profile", "minimal"]);
                 c
             }
-            Fix::RustupComponent { component, toolchain } => {
+            Fix::RustupComponent {
+                component,
+                toolchain,
+            } => {
                 let mut c = Command::new("rustup");
                 c.args(["component", "add", component, "--toolchain", toolchain]);
                 c
@@ -61,7 +69,14 @@ pub fn ensure(scope: Scope) -> Result<()> {
                 // `cargo +nightly install`, spelled so that it works without the
                 // rustup proxy on PATH: bpf-linker builds against nightly's LLVM.
                 let mut c = Command::new("rustup");
-                c.args(["run", "nightly", "cargo", "install", &format!("{krate}@{version}"), "--locked"]);
+                c.args([
+                    "run",
+                    "nightly",
+                    "cargo",
+                    "install",
+                    &format!("{krate}@{version}"),
+                    "--locked",
+                ]);
                 c
             }
             Fix::Apt(_) => continue,
@@ -91,7 +106,10 @@ pub fn ensure(scope: Scope) -> Result<()> {
         still.extend(prereq::check_toolchain());
     }
     if !still.is_empty() {
-        bail!("still missing after installing:\n{}", prereq::describe(&still));
+        bail!(
+            "still missing after installing:\n{}",
+            prereq::describe(&still)
+        );
     }
     Ok(())
 }
@@ -99,7 +117,9 @@ pub fn ensure(scope: Scope) -> Result<()> {
 fn install_apt(packages: &[&str]) -> Result<()> {
     println!("setup: installing Debian packages: {}", packages.join(" "));
     let mut update = Command::new("apt-get");
-    update.arg("update").env("DEBIAN_FRONTEND", "noninteractive");
+    update
+        .arg("update")
+        .env("DEBIAN_FRONTEND", "noninteractive");
     install("the package lists", update, "apt-get update")?;
     let mut get = Command::new("apt-get");
     get.args(["install", "-y"])
@@ -115,9 +135,7 @@ fn install_apt(packages: &[&str]) -> Result<()> {
 /// Run an install command with its output shown; on failure, say how to retry.
 fn install(what: &str, mut cmd: Command, shown: &str) -> Result<()> {
     println!("setup: installing {what}: {shown}");
-    let status = cmd
-        .status()
-        .with_context(|| format!("running `{shown}`"))?;
+    let status = cmd.status().with_context(|| format!("running `{shown}`"))?;
     if !status.success() {
         bail!("`{shown}` failed ({status}) while installing {what}; check the network and run it yourself");
     }

@@ -21,9 +21,15 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         .status()
         .context("running cargo build")?;
     if !status.success() {
-        bail!("cargo build -p warren -p warren-lab failed ({status}); see the compiler output above");
+        bail!(
+            "cargo build -p warren -p warren-lab failed ({status}); see the compiler output above"
+        );
     }
-    let tests = cargo::cargo().arg("test").args(args).status().context("running cargo test")?;
+    let tests = cargo::cargo()
+        .arg("test")
+        .args(args)
+        .status()
+        .context("running cargo test")?;
     // Whatever the tests left running, take it down.
     if let Err(e) = Lab::down() {
         eprintln!("error: taking the lab down after the tests: {e:#}");

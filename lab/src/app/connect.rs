@@ -44,8 +44,16 @@ struct Exchange {
 
 /// Run the exchange; never fails, the report says what happened.
 pub fn connect(options: &ConnectOptions) -> ConnectReport {
-    let mode = if options.udp { "udp".to_string() } else { options.mode.to_string() };
-    let mut exchange = Exchange { sent: 0, received: 0, local_addr: None };
+    let mode = if options.udp {
+        "udp".to_string()
+    } else {
+        options.mode.to_string()
+    };
+    let mut exchange = Exchange {
+        sent: 0,
+        received: 0,
+        local_addr: None,
+    };
     let result = if options.udp {
         udp(options, &mut exchange)
     } else {
@@ -79,7 +87,8 @@ fn tcp(options: &ConnectOptions, exchange: &mut Exchange) -> Outcome {
     match options.mode {
         AppMode::Echo => echo(&stream, options.bytes, exchange),
         AppMode::Greet => {
-            let greeting = read_line(&stream).map_err(|e| format!("reading the greeting: {}", io_detail(&e)))?;
+            let greeting = read_line(&stream)
+                .map_err(|e| format!("reading the greeting: {}", io_detail(&e)))?;
             if greeting != GREETING {
                 return Err(format!("expected greeting {GREETING:?}, got {greeting:?}"));
             }
@@ -109,7 +118,9 @@ fn read_line(mut stream: &TcpStream) -> io::Result<String> {
 /// Sending happens on its own thread so that a full receive buffer on our side can
 /// never stall the server's writes and, through them, our own.
 fn echo(stream: &TcpStream, bytes: u64, exchange: &mut Exchange) -> Outcome {
-    let writer = stream.try_clone().map_err(|e| format!("cloning the socket: {e}"))?;
+    let writer = stream
+        .try_clone()
+        .map_err(|e| format!("cloning the socket: {e}"))?;
     let sender = thread::spawn(move || send_payload(&writer, bytes, None));
     let mut expected = Payload::default();
     let mut mismatch: Option<u64> = None;
@@ -132,27 +143,46 @@ fn echo(stream: &TcpStream, bytes: u64, exchange: &mut Exchange) -> Outcome {
             Err(e) => break Err(e),
         }
     };
-    let sent = sender.join().map_err(|_| "the sending thread panicked".to_string())?;
+    let sent = sender
+        .join()
+        .map_err(|_| "the sending thread panicked".to_string())?;
     exchange.sent = match &sent {
         Ok(n) | Err((n, _)) => *n,
     };
     if let Err((_, e)) = sent {
-        return Err(format!("sending failed after {} bytes: {}", exchange.sent, io_detail(&e)));
+        return Err(format!(
+            "sending failed after {} bytes: {}",
+            exchange.sent,
+            io_detail(&e)
+        ));
     }
     if let Err(e) = read_result {
-        return Err(format!("receiving failed after {} bytes: {}", exchange.received, io_detail(&e)));
+        return Err(format!(
+            "receiving failed after {} bytes: {}",
+            exchange.received,
+            io_detail(&e)
+        ));
     }
     if let Some(at) = mismatch {
-        return Err(format!("echoed data differs from what was sent at byte {at}"));
+        return Err(format!(
+            "echoed data differs from what was sent at byte {at}"
+        ));
     }
     if exchange.received != bytes {
-        return Err(format!("server closed after echoing {} of {bytes} bytes", exchange.received));
+        return Err(format!(
+            "server closed after echoing {} of {bytes} bytes",
+            exchange.received
+        ));
     }
     Ok(format!("{bytes} bytes echoed intact, half-close honoured"))
 }
 
 /// Write `bytes` of payload then shut down the write side; on error, how far it got.
-fn send_payload(mut stream: &TcpStream, bytes: u64, mut hasher: Option<&mut Sha256>) -> Result<u64, (u64, io::Error)> {
+fn send_payload(
+    mut stream: &TcpStream,
+    bytes: u64,
+    mut hasher: Option<&mut Sha256>,
+) -> Result<u64, (u64, io::Error)> {
     let mut payload = Payload::default();
     let mut buf = vec![0u8; CHUNK];
     let mut sent: u64 = 0;
@@ -177,7 +207,11 @@ fn sha(stream: &TcpStream, bytes: u64, exchange: &mut Exchange) -> Outcome {
         Ok(n) | Err((n, _)) => *n,
     };
     if let Err((_, e)) = sent {
-        return Err(format!("sending failed after {} bytes: {}", exchange.sent, io_detail(&e)));
+        return Err(format!(
+            "sending failed after {} bytes: {}",
+            exchange.sent,
+            io_detail(&e)
+        ));
     }
     let local = hex(&hasher.finalize());
     let mut reply = String::new();
@@ -186,15 +220,22 @@ fn sha(stream: &TcpStream, bytes: u64, exchange: &mut Exchange) -> Outcome {
         .read_to_string(&mut reply)
         .map_err(|e| format!("reading the server's digest: {}", io_detail(&e)))?;
     let mut fields = reply.split_whitespace();
-    let (Some(digest), Some(count)) = (fields.next(), fields.next().and_then(|c| c.parse::<u64>().ok())) else {
-        return Err(format!("unexpected reply {reply:?} (want \"<sha256> <count>\")"));
+    let (Some(digest), Some(count)) = (
+        fields.next(),
+        fields.next().and_then(|c| c.parse::<u64>().ok()),
+    ) else {
+        return Err(format!(
+            "unexpected reply {reply:?} (want \"<sha256> <count>\")"
+        ));
     };
     exchange.received = count;
     if count != bytes {
         return Err(format!("server received {count} of {bytes} bytes"));
     }
     if digest != local {
-        return Err(format!("server's sha256 {digest} differs from ours {local}"));
+        return Err(format!(
+            "server's sha256 {digest} differs from ours {local}"
+        ));
     }
     Ok(format!("sha256 {local} of {bytes} bytes matches"))
 }
@@ -202,7 +243,10 @@ fn sha(stream: &TcpStream, bytes: u64, exchange: &mut Exchange) -> Outcome {
 fn udp(options: &ConnectOptions, exchange: &mut Exchange) -> Outcome {
     let addr = options.addr;
     if options.bytes > MAX_UDP_BYTES {
-        return Err(format!("{} bytes do not fit one UDP datagram (max {MAX_UDP_BYTES})", options.bytes));
+        return Err(format!(
+            "{} bytes do not fit one UDP datagram (max {MAX_UDP_BYTES})",
+            options.bytes
+        ));
     }
     let any: SocketAddr = if addr.is_ipv4() {
         (Ipv4Addr::UNSPECIFIED, 0).into()
@@ -210,21 +254,27 @@ fn udp(options: &ConnectOptions, exchange: &mut Exchange) -> Outcome {
         (Ipv6Addr::UNSPECIFIED, 0).into()
     };
     let socket = UdpSocket::bind(any).map_err(|e| format!("binding a UDP socket: {e}"))?;
-    socket.connect(addr).map_err(|e| format!("connect to {addr} failed: {e}"))?;
+    socket
+        .connect(addr)
+        .map_err(|e| format!("connect to {addr} failed: {e}"))?;
     exchange.local_addr = socket.local_addr().ok().map(|a| a.to_string());
     socket
         .set_read_timeout(Some(options.timeout))
         .map_err(|e| format!("setting the read timeout: {e}"))?;
     let mut datagram = vec![0u8; options.bytes as usize];
     Payload::default().fill(&mut datagram);
-    exchange.sent = socket.send(&datagram).map_err(|e| format!("sending to {addr}: {e}"))? as u64;
+    exchange.sent = socket
+        .send(&datagram)
+        .map_err(|e| format!("sending to {addr}: {e}"))? as u64;
     let mut buf = vec![0u8; 65_536];
     let n = socket
         .recv(&mut buf)
         .map_err(|e| format!("no echo from {addr}: {}", io_detail(&e)))?;
     exchange.received = n as u64;
     if buf[..n] != datagram[..] {
-        return Err(format!("echoed datagram ({n} bytes) differs from the one sent"));
+        return Err(format!(
+            "echoed datagram ({n} bytes) differs from the one sent"
+        ));
     }
     Ok(format!("datagram of {n} bytes echoed intact"))
 }

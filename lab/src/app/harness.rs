@@ -27,7 +27,9 @@ impl AppServer {
     /// Spawn `cmd` (a `lab-app serve …` placed in `target`) and wait for its READY
     /// line. Its stderr — one line per connection — is collected for [`Self::log`].
     pub(crate) fn start(mut cmd: Command, target: String) -> Result<AppServer> {
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting lab-app serve in {target}"))?;
@@ -57,7 +59,13 @@ impl AppServer {
         };
         let line = match first {
             Ok(Some(Ok(line))) => line,
-            Ok(_) => return Err(failed("exited before printing READY".into(), &mut child, &log)),
+            Ok(_) => {
+                return Err(failed(
+                    "exited before printing READY".into(),
+                    &mut child,
+                    &log,
+                ))
+            }
             Err(_) => {
                 return Err(failed(
                     format!("printed no READY line within {}s", READY_TIMEOUT.as_secs()),
@@ -66,11 +74,25 @@ impl AppServer {
                 ))
             }
         };
-        let port = match line.strip_prefix(READY_PREFIX).and_then(|p| p.trim().parse::<u16>().ok()) {
+        let port = match line
+            .strip_prefix(READY_PREFIX)
+            .and_then(|p| p.trim().parse::<u16>().ok())
+        {
             Some(port) => port,
-            None => return Err(failed(format!("printed {line:?} instead of `READY <port>`"), &mut child, &log)),
+            None => {
+                return Err(failed(
+                    format!("printed {line:?} instead of `READY <port>`"),
+                    &mut child,
+                    &log,
+                ))
+            }
         };
-        Ok(AppServer { child, port, target, log })
+        Ok(AppServer {
+            child,
+            port,
+            target,
+            log,
+        })
     }
 
     /// The port it listens on.
@@ -88,10 +110,33 @@ impl AppServer {
         &self.target
     }
 
-    /// Its stderr so far: one line per finished connection,
-    /// `conn peer=<addr> local=<addr> mode=<m> received=<n> sent=<n>` (or `… error: …`).
+    /// Its stderr so far. Per connection: `accept peer=<addr> local=<addr> mode=<m>`
+    /// as soon as it is accepted, then `conn peer=<addr> local=<addr> mode=<m>
+    /// received=<n> sent=<n>` (or `… error: …`) written just before the server's
+    /// final half-close, so normally before the client has finished. Lines arrive
+    /// through a pipe: to be certain, use [`Self::wait_for_log`].
     pub fn log(&self) -> Vec<String> {
         self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Wait (up to `timeout`) until a line of [`Self::log`] contains `needle`, and
+    /// return that line.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Result<String> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.log().into_iter().find(|l| l.contains(needle)) {
+                return Ok(line);
+            }
+            if std::time::Instant::now() >= deadline {
+                bail!(
+                    "lab-app serve in {} logged no line containing {needle:?} within {:?}; its log:\n{}",
+                    self.target,
+                    timeout,
+                    self.log().join("\n")
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Stop it now (dropping does the same).

@@ -20,7 +20,11 @@ impl Default for Payload {
 impl Payload {
     /// A stream from `seed`.
     pub fn new(seed: u64) -> Payload {
-        Payload { state: seed, word: [0; 8], used: 8 }
+        Payload {
+            state: seed,
+            word: [0; 8],
+            used: 8,
+        }
     }
 
     fn next_word(&mut self) -> [u8; 8] {

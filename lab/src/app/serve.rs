@@ -32,20 +32,34 @@ pub fn serve(options: ServeOptions, ready: impl FnOnce(u16)) -> Result<()> {
         (Domain::IPV6, Type::STREAM, Protocol::TCP)
     };
     let socket = Socket::new(domain, ty, Some(proto)).context("creating the server socket")?;
-    socket.set_only_v6(false).context("turning IPV6_V6ONLY off")?;
-    socket.set_reuse_address(true).context("setting SO_REUSEADDR")?;
+    socket
+        .set_only_v6(false)
+        .context("turning IPV6_V6ONLY off")?;
+    socket
+        .set_reuse_address(true)
+        .context("setting SO_REUSEADDR")?;
     let addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, options.port));
     socket
         .bind(&addr.into())
         .with_context(|| format!("binding [::]:{} (is the port in use?)", options.port))?;
     if options.udp {
         let socket: UdpSocket = socket.into();
-        ready(socket.local_addr().context("reading the bound address")?.port());
+        ready(
+            socket
+                .local_addr()
+                .context("reading the bound address")?
+                .port(),
+        );
         serve_udp(&socket)
     } else {
         socket.listen(1024).context("listening")?;
         let listener: TcpListener = socket.into();
-        ready(listener.local_addr().context("reading the bound address")?.port());
+        ready(
+            listener
+                .local_addr()
+                .context("reading the bound address")?
+                .port(),
+        );
         serve_tcp(&listener, options.mode)
     }
 }
@@ -60,13 +74,23 @@ fn serve_tcp(listener: &TcpListener, mode: AppMode) -> Result<()> {
                 continue;
             }
         };
+        let local = stream
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        // Logged at once: whoever checks which address the server saw can rely on
+        // this line long before the client finishes.
+        note(format_args!("accept peer={peer} local={local} mode={mode}"));
         let spawned = thread::Builder::new().spawn(move || {
-            let local = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
-            match handle(&stream, mode) {
-                Ok((received, sent)) => note(format_args!(
+            let done = |received: u64, sent: u64| {
+                note(format_args!(
                     "conn peer={peer} local={local} mode={mode} received={received} sent={sent}"
-                )),
-                Err(e) => note(format_args!("conn peer={peer} local={local} mode={mode} error: {e}")),
+                ))
+            };
+            if let Err(e) = handle(&stream, mode, done) {
+                note(format_args!(
+                    "conn peer={peer} local={local} mode={mode} error: {e}"
+                ));
             }
         });
         if let Err(e) = spawned {
@@ -75,15 +99,16 @@ fn serve_tcp(listener: &TcpListener, mode: AppMode) -> Result<()> {
     }
 }
 
-/// Serve one connection; returns (bytes received, bytes sent).
-fn handle(stream: &TcpStream, mode: AppMode) -> io::Result<(u64, u64)> {
+/// Serve one connection. `done(received, sent)` is called just before the final
+/// half-close, so its log line is written before the client can see the end.
+fn handle(stream: &TcpStream, mode: AppMode, done: impl FnOnce(u64, u64)) -> io::Result<()> {
     let mut reader = stream;
     let mut writer = stream;
     match mode {
-        AppMode::Echo => echo(reader, writer, 0),
+        AppMode::Echo => echo(reader, writer, 0, done),
         AppMode::Greet => {
             writer.write_all(GREETING.as_bytes())?;
-            echo(reader, writer, GREETING.len() as u64)
+            echo(reader, writer, GREETING.len() as u64, done)
         }
         AppMode::Sha => {
             let mut hasher = Sha256::new();
@@ -98,18 +123,23 @@ fn handle(stream: &TcpStream, mode: AppMode) -> io::Result<(u64, u64)> {
                 count += n as u64;
             }
             let reply = format!("{} {count}\n", hex(&hasher.finalize()));
+            done(count, reply.len() as u64);
             writer.write_all(reply.as_bytes())?;
-            stream.shutdown(Shutdown::Write)?;
-            Ok((count, reply.len() as u64))
+            stream.shutdown(Shutdown::Write)
         }
     }
 }
 
-fn echo(mut reader: &TcpStream, mut writer: &TcpStream, already_sent: u64) -> io::Result<(u64, u64)> {
+fn echo(
+    mut reader: &TcpStream,
+    mut writer: &TcpStream,
+    already_sent: u64,
+    done: impl FnOnce(u64, u64),
+) -> io::Result<()> {
     let copied = io::copy(&mut reader, &mut writer)?;
+    done(copied, already_sent + copied);
     // EOF from the client: pass the half-close on.
-    writer.shutdown(Shutdown::Write)?;
-    Ok((copied, already_sent + copied))
+    writer.shutdown(Shutdown::Write)
 }
 
 fn serve_udp(socket: &UdpSocket) -> Result<()> {

@@ -66,8 +66,18 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Cmd::Connect { addr, mode, bytes, udp, timeout_secs } => {
-            let default_bytes = if udp { app::DEFAULT_UDP_BYTES } else { app::DEFAULT_TCP_BYTES };
+        Cmd::Connect {
+            addr,
+            mode,
+            bytes,
+            udp,
+            timeout_secs,
+        } => {
+            let default_bytes = if udp {
+                app::DEFAULT_UDP_BYTES
+            } else {
+                app::DEFAULT_TCP_BYTES
+            };
             let report = app::connect(&ConnectOptions {
                 addr,
                 mode,

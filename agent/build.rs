@@ -31,13 +31,17 @@ fn build() -> anyhow::Result<()> {
         }],
         aya_build::Toolchain::Nightly,
     )
-    .with_context(|| format!("building the eBPF programs (warren-ebpf) failed; if a tool is missing, {FIX}"))
+    .with_context(|| {
+        format!("building the eBPF programs (warren-ebpf) failed; if a tool is missing, {FIX}")
+    })
 }
 
 fn check_prerequisites() -> anyhow::Result<()> {
     let linker = Command::new("bpf-linker").arg("--version").output();
     if !matches!(&linker, Ok(out) if out.status.success()) {
-        return Err(anyhow!("bpf-linker is not installed (needed to build the eBPF programs); {FIX}"));
+        return Err(anyhow!(
+            "bpf-linker is not installed (needed to build the eBPF programs); {FIX}"
+        ));
     }
     let sysroot = Command::new("rustup")
         .args(["run", "nightly", "rustc", "--print", "sysroot"])
@@ -48,7 +52,9 @@ fn check_prerequisites() -> anyhow::Result<()> {
     let sysroot = String::from_utf8_lossy(&sysroot.stdout).trim().to_owned();
     let rust_src = std::path::Path::new(&sysroot).join("lib/rustlib/src/rust/library/core");
     if !rust_src.exists() {
-        return Err(anyhow!("the nightly toolchain lacks the rust-src component; {FIX}"));
+        return Err(anyhow!(
+            "the nightly toolchain lacks the rust-src component; {FIX}"
+        ));
     }
     Ok(())
 }

@@ -13,7 +13,11 @@ use crate::{
     control::local::{LocalConfig, LocalConfigError},
     netns::{Netns, NetnsError},
     proxy::{self, Pod, ProxyContext},
-    redirect::{self, ebpf::{EbpfRedirect, PodRedirect}, KernelSupport, Mechanism, RedirectError},
+    redirect::{
+        self,
+        ebpf::{EbpfRedirect, PodRedirect},
+        KernelSupport, Mechanism, RedirectError,
+    },
     socket::{listen_in, SocketError},
     workload::WorkloadIndex,
 };
@@ -24,12 +28,20 @@ pub enum AgentError {
     NotRoot,
     #[error(transparent)]
     Config(#[from] LocalConfigError),
-    #[error("workload {workload}: {source}; check its `netns` in the config file (is the pod running?)")]
-    PodNetns { workload: String, source: NetnsError },
+    #[error(
+        "workload {workload}: {source}; check its `netns` in the config file (is the pod running?)"
+    )]
+    PodNetns {
+        workload: String,
+        source: NetnsError,
+    },
     #[error("workload {workload}: cgroup {path} does not exist; fix its `cgroup` in the config file or leave it out")]
     PodCgroup { workload: String, path: PathBuf },
     #[error("workload {workload}: {source}")]
-    Listener { workload: String, source: SocketError },
+    Listener {
+        workload: String,
+        source: SocketError,
+    },
     #[error("no cgroup v2 mount found; mount cgroup2 or pass --cgroup-root")]
     NoCgroup2,
     #[error(transparent)]
@@ -53,25 +65,59 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         let id = workload.to_string();
         if let Some(cgroup) = &workload.cgroup {
             if !cgroup.is_dir() {
-                return Err(AgentError::PodCgroup { workload: id, path: cgroup.clone() });
+                return Err(AgentError::PodCgroup {
+                    workload: id,
+                    path: cgroup.clone(),
+                });
             }
         }
-        let netns = Netns::open(&workload.netns).map_err(|source| AgentError::PodNetns { workload: id.clone(), source })?;
-        let netns_cookie = netns.cookie().map_err(|source| AgentError::PodNetns { workload: id.clone(), source })?;
-        let listener = |port| listen_in(&netns, port).map_err(|source| AgentError::Listener { workload: id.clone(), source });
+        let netns = Netns::open(&workload.netns).map_err(|source| AgentError::PodNetns {
+            workload: id.clone(),
+            source,
+        })?;
+        let netns_cookie = netns.cookie().map_err(|source| AgentError::PodNetns {
+            workload: id.clone(),
+            source,
+        })?;
+        let listener = |port| {
+            listen_in(&netns, port).map_err(|source| AgentError::Listener {
+                workload: id.clone(),
+                source,
+            })
+        };
         let outbound = listener(OUTBOUND_PORT)?;
         let inbound = listener(INBOUND_PLAINTEXT_PORT)?;
-        prepared.push((Pod { workload: workload.clone(), netns, netns_cookie }, outbound, inbound));
+        prepared.push((
+            Pod {
+                workload: workload.clone(),
+                netns,
+                netns_cookie,
+            },
+            outbound,
+            inbound,
+        ));
     }
 
     // Then the kernel.
     let support = KernelSupport::probe(&config.bpffs, &config.probe_pretend_missing);
     let Mechanism::Ebpf = redirect::choose(config.redirect, &support)?;
-    if support.missing.iter().any(|m| m.feature == redirect::KernelFeature::Bpffs) {
-        return Err(RedirectError::BpffsMissing { path: config.bpffs.clone() }.into());
+    if support
+        .missing
+        .iter()
+        .any(|m| m.feature == redirect::KernelFeature::Bpffs)
+    {
+        return Err(RedirectError::BpffsMissing {
+            path: config.bpffs.clone(),
+        }
+        .into());
     }
-    let cgroup_root = config.cgroup_root.clone().or(support.cgroup2_root.clone()).ok_or(AgentError::NoCgroup2)?;
-    let (mut ebpf, original_dst) = EbpfRedirect::install(&config.pin_dir, &cgroup_root).map_err(RedirectError::from)?;
+    let cgroup_root = config
+        .cgroup_root
+        .clone()
+        .or(support.cgroup2_root.clone())
+        .ok_or(AgentError::NoCgroup2)?;
+    let (mut ebpf, original_dst) =
+        EbpfRedirect::install(&config.pin_dir, &cgroup_root).map_err(RedirectError::from)?;
     tracing::info!(pin_dir = %config.pin_dir.display(), cgroup_root = %cgroup_root.display(), "eBPF programs attached");
     match ebpf.take_logger() {
         Ok(logger) => {
@@ -99,17 +145,26 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         workloads: WorkloadIndex::new(local.workloads.iter().cloned()),
         original_dst,
     });
-    let names: Vec<String> = prepared.iter().map(|(pod, _, _)| pod.workload.to_string()).collect();
+    let names: Vec<String> = prepared
+        .iter()
+        .map(|(pod, _, _)| pod.workload.to_string())
+        .collect();
     for (pod, outbound, inbound) in prepared {
         let pod = Arc::new(pod);
         let c = ctx.clone();
-        tokio::spawn(proxy::accept_loop(outbound, "outbound", pod.clone(), move |s, p, pod| {
-            proxy::outbound::handle(c.clone(), s, p, pod)
-        }));
+        tokio::spawn(proxy::accept_loop(
+            outbound,
+            "outbound",
+            pod.clone(),
+            move |s, p, pod| proxy::outbound::handle(c.clone(), s, p, pod),
+        ));
         let c = ctx.clone();
-        tokio::spawn(proxy::accept_loop(inbound, "inbound", pod, move |s, p, pod| {
-            proxy::inbound_passthrough::handle(c.clone(), s, p, pod)
-        }));
+        tokio::spawn(proxy::accept_loop(
+            inbound,
+            "inbound",
+            pod,
+            move |s, p, pod| proxy::inbound_passthrough::handle(c.clone(), s, p, pod),
+        ));
     }
     tracing::info!(node = %config.node, pods = ?names, mode = "ebpf", "agent ready");
 
@@ -123,7 +178,8 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
 async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
     // SAFETY: the logger owns the ring buffer's fd and AsyncFd owns the logger, so the fd
     // stays open for as long as it is registered.
-    let registered = unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let registered =
+        unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
     let mut fd = match registered {
         Ok(fd) => fd,
         Err(err) => {

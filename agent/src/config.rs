@@ -20,7 +20,12 @@ pub struct AgentArgs {
     pub redirect: RedirectMode,
 
     /// bpffs directory for warren's pinned programs and maps; the agent uses `<dir>/<node>`.
-    #[arg(long, env = "WARREN_BPF_ROOT", value_name = "DIR", default_value = "/sys/fs/bpf/warren")]
+    #[arg(
+        long,
+        env = "WARREN_BPF_ROOT",
+        value_name = "DIR",
+        default_value = "/sys/fs/bpf/warren"
+    )]
     pub bpf_root: PathBuf,
 
     /// cgroup v2 root to attach the connect hooks to (default: the cgroup2 mount).

@@ -11,8 +11,16 @@ const QUIET_AYA: &str = "aya::bpf=error";
 
 fn log_filter() -> EnvFilter {
     let requested = std::env::var("RUST_LOG").unwrap_or_default();
-    let base = if requested.trim().is_empty() { "info".to_owned() } else { requested };
-    let directives = if base.contains("aya") { base } else { format!("{base},{QUIET_AYA}") };
+    let base = if requested.trim().is_empty() {
+        "info".to_owned()
+    } else {
+        requested
+    };
+    let directives = if base.contains("aya") {
+        base
+    } else {
+        format!("{base},{QUIET_AYA}")
+    };
     EnvFilter::try_new(&directives).unwrap_or_else(|err| {
         eprintln!("warning: RUST_LOG={directives:?} is not a valid log filter ({err}); using info");
         EnvFilter::new(format!("info,{QUIET_AYA}"))

@@ -22,11 +22,17 @@ const SO_NETNS_COOKIE: libc::c_int = 71;
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
     #[error("network namespace {path} does not exist or cannot be opened: {source}")]
-    Open { path: PathBuf, source: std::io::Error },
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot enter network namespace {path}: {source} (the agent needs CAP_SYS_ADMIN)")]
     Enter { path: PathBuf, source: nix::Error },
     #[error("cannot read the cookie of network namespace {path}: {source}")]
-    Cookie { path: PathBuf, source: std::io::Error },
+    Cookie {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// An open handle on a network namespace.
@@ -59,7 +65,9 @@ impl Netns {
 
     /// Run `f` on the current thread while it is inside this netns.
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
-        let home = HOME.get().expect("Netns::init_home must be called at start-up");
+        let home = HOME
+            .get()
+            .expect("Netns::init_home must be called at start-up");
         setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter {
             path: self.path.clone(),
             source,

@@ -18,7 +18,11 @@ use std::{
 use tokio::net::{TcpListener, TcpStream};
 use warren_common::{INBOUND_PLAINTEXT_PORT, INBOUND_TUNNEL_PORT, OUTBOUND_PORT};
 
-use crate::{netns::Netns, redirect::ebpf::OriginalDstTable, workload::{Workload, WorkloadIndex}};
+use crate::{
+    netns::Netns,
+    redirect::ebpf::OriginalDstTable,
+    workload::{Workload, WorkloadIndex},
+};
 
 /// What every connection handler needs, shared by all pods of the node.
 pub struct ProxyContext {
@@ -35,7 +39,10 @@ pub struct Pod {
 
 /// The agent's own ports: a connection *to* one of them through a capture path would loop.
 pub fn is_agent_port(port: u16) -> bool {
-    matches!(port, OUTBOUND_PORT | INBOUND_PLAINTEXT_PORT | INBOUND_TUNNEL_PORT)
+    matches!(
+        port,
+        OUTBOUND_PORT | INBOUND_PLAINTEXT_PORT | INBOUND_TUNNEL_PORT
+    )
 }
 
 /// Which way a connection crossed this agent.
@@ -69,8 +76,12 @@ pub struct ConnectionRecord<'a> {
 
 impl ConnectionRecord<'_> {
     pub fn emit(&self) {
-        let name = |w: Option<&Workload>| w.map(|w| w.to_string()).unwrap_or_else(|| "-".to_owned());
-        let src = self.src.map(|a| a.to_string()).unwrap_or_else(|| "-".to_owned());
+        let name =
+            |w: Option<&Workload>| w.map(|w| w.to_string()).unwrap_or_else(|| "-".to_owned());
+        let src = self
+            .src
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "-".to_owned());
         let duration_ms = self.started.elapsed().as_millis() as u64;
         match &self.outcome {
             Ok(()) => tracing::info!(
@@ -105,8 +116,12 @@ impl ConnectionRecord<'_> {
 }
 
 /// Accept forever on `listener`, handing each connection to `handle`.
-pub async fn accept_loop<F, Fut>(listener: TcpListener, name: &'static str, pod: Arc<Pod>, handle: F)
-where
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    name: &'static str,
+    pod: Arc<Pod>,
+    handle: F,
+) where
     F: Fn(TcpStream, SocketAddr, Arc<Pod>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
@@ -126,7 +141,10 @@ where
 
 /// Copy both ways until both sides are done, keeping half-close: when one side stops
 /// sending, the other side's write half is shut down and the reverse direction goes on.
-pub async fn relay(downstream: &mut TcpStream, upstream: &mut TcpStream) -> (u64, u64, Result<(), String>) {
+pub async fn relay(
+    downstream: &mut TcpStream,
+    upstream: &mut TcpStream,
+) -> (u64, u64, Result<(), String>) {
     match tokio::io::copy_bidirectional(downstream, upstream).await {
         Ok((sent, received)) => (sent, received, Ok(())),
         Err(err) => (0, 0, Err(err.to_string())),

@@ -20,7 +20,11 @@ pub enum SocketError {
     #[error("port {port} is already in use in network namespace {netns}; is another warren agent serving this pod?")]
     PortInUse { port: u16, netns: String },
     #[error("cannot listen on port {port} in network namespace {netns}: {source}")]
-    Listen { port: u16, netns: String, source: io::Error },
+    Listen {
+        port: u16,
+        netns: String,
+        source: io::Error,
+    },
     #[error("cannot create a socket in network namespace {netns}: {source}")]
     Create { netns: String, source: io::Error },
     #[error("connecting to {dst} timed out after {CONNECT_TIMEOUT:?}")]
@@ -37,10 +41,21 @@ pub fn listen_in(netns: &Netns, port: u16) -> Result<TcpListener, SocketError> {
     let listener = netns
         .run(|| bind_dual_stack(port))?
         .map_err(|source| match source.kind() {
-            io::ErrorKind::AddrInUse => SocketError::PortInUse { port, netns: name() },
-            _ => SocketError::Listen { port, netns: name(), source },
+            io::ErrorKind::AddrInUse => SocketError::PortInUse {
+                port,
+                netns: name(),
+            },
+            _ => SocketError::Listen {
+                port,
+                netns: name(),
+                source,
+            },
         })?;
-    TcpListener::from_std(listener.into()).map_err(|source| SocketError::Listen { port, netns: name(), source })
+    TcpListener::from_std(listener.into()).map_err(|source| SocketError::Listen {
+        port,
+        netns: name(),
+        source,
+    })
 }
 
 fn bind_dual_stack(port: u16) -> io::Result<Socket> {
@@ -65,9 +80,13 @@ fn bind_dual_stack(port: u16) -> io::Result<Socket> {
 }
 
 fn new_socket(domain: Domain) -> io::Result<Socket> {
-    let socket = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
+    let socket = Socket::new(
+        domain,
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
     socket.set_mark(AGENT_SOCKET_MARK)?;
-    socket.set_nodelay(true)?;
+    socket.set_tcp_nodelay(true)?;
     Ok(socket)
 }
 
@@ -77,7 +96,10 @@ pub async fn connect_from(netns: &Netns, dst: SocketAddr) -> Result<TcpStream, S
     let domain = Domain::for_address(dst);
     let socket = netns
         .run(|| new_socket(domain))?
-        .map_err(|source| SocketError::Create { netns: netns.path().display().to_string(), source })?;
+        .map_err(|source| SocketError::Create {
+            netns: netns.path().display().to_string(),
+            source,
+        })?;
     let socket = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(socket));
     match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
         Err(_) => Err(SocketError::ConnectTimeout { dst }),

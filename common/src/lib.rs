@@ -77,7 +77,10 @@ impl IpKey {
             // First byte in memory is the first octet.
             (self.words[3].to_ne_bytes())[0] == 127
         } else {
-            self.words[0] == 0 && self.words[1] == 0 && self.words[2] == 0 && self.words[3] == u32::from_be(1)
+            self.words[0] == 0
+                && self.words[1] == 0
+                && self.words[2] == 0
+                && self.words[3] == u32::from_be(1)
         }
     }
 }
@@ -163,7 +166,11 @@ mod convert {
 
     impl From<SocketAddr> for SockAddr {
         fn from(addr: SocketAddr) -> Self {
-            SockAddr { ip: addr.ip().into(), port: addr.port(), _pad: 0 }
+            SockAddr {
+                ip: addr.ip().into(),
+                port: addr.port(),
+                _pad: 0,
+            }
         }
     }
 
@@ -204,10 +211,16 @@ mod tests {
     #[test]
     fn loopback_detection() {
         for lo in ["127.0.0.1", "127.3.2.1", "::1"] {
-            assert!(IpKey::from(lo.parse::<IpAddr>().unwrap()).is_loopback(), "{lo}");
+            assert!(
+                IpKey::from(lo.parse::<IpAddr>().unwrap()).is_loopback(),
+                "{lo}"
+            );
         }
         for not_lo in ["10.0.0.1", "::2", "fd00::1", "128.0.0.1"] {
-            assert!(!IpKey::from(not_lo.parse::<IpAddr>().unwrap()).is_loopback(), "{not_lo}");
+            assert!(
+                !IpKey::from(not_lo.parse::<IpAddr>().unwrap()).is_loopback(),
+                "{not_lo}"
+            );
         }
     }
 

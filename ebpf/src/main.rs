@@ -144,7 +144,10 @@ fn record_original_dst(ctx: &SockAddrContext, original_dst: SockAddr) -> bool {
     match PENDING_ORIGINAL_DST.insert(&socket_cookie, &pending, 0) {
         Ok(()) => true,
         Err(err) => {
-            warn!(ctx, "warren: cannot record original destination (error {}); refusing connect", err);
+            warn!(
+                ctx,
+                "warren: cannot record original destination (error {}); refusing connect", err
+            );
             false
         }
     }
@@ -187,7 +190,10 @@ pub fn warren_sock_ops(ctx: SockOpsContext) -> u32 {
         _pad: 0,
     };
     if let Err(err) = ORIGINAL_DST.insert(&key, &pending.original_dst, 0) {
-        warn!(&ctx, "warren: cannot store original destination (error {})", err);
+        warn!(
+            &ctx,
+            "warren: cannot store original destination (error {})", err
+        );
     }
     let _ = PENDING_ORIGINAL_DST.remove(&socket_cookie);
     1

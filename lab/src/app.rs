@@ -120,6 +120,7 @@ mod tests {
             bytes,
             udp,
             timeout: Duration::from_secs(5),
+            source_port: None,
         })
     }
 
@@ -176,6 +177,7 @@ mod tests {
             bytes: 10,
             udp: false,
             timeout: Duration::from_millis(300),
+            source_port: None,
         });
         assert!(
             !report.ok && report.detail.contains("timed out"),

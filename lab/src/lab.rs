@@ -386,6 +386,7 @@ impl Lab {
                 bytes,
                 udp: false,
                 timeout: app::DEFAULT_TIMEOUT,
+                source_port: None,
             },
         )
     }
@@ -402,6 +403,9 @@ impl Lab {
             ]);
         if options.udp {
             cmd.arg("--udp");
+        }
+        if let Some(port) = options.source_port {
+            cmd.args(["--source-port", &port.to_string()]);
         }
         let out = cmd
             .output()

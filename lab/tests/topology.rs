@@ -114,6 +114,7 @@ fn topology_connects_what_it_should() -> Result<()> {
             bytes: 1200,
             udp: true,
             timeout: warren_lab::app::DEFAULT_TIMEOUT,
+            source_port: None,
         },
     )?;
     ensure!(report.ok, "UDP outside -> demo/peer failed: {report:?}");

@@ -13,13 +13,22 @@ use crate::support::ensure_ok;
 
 pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
     ("bad_input::unknown_flag", unknown_flag),
-    ("bad_input::config_with_unknown_field", config_with_unknown_field),
+    (
+        "bad_input::config_with_unknown_field",
+        config_with_unknown_field,
+    ),
     ("bad_input::config_names_missing_netns", missing_netns),
     ("bad_input::config_names_missing_cgroup", missing_cgroup),
     ("bad_input::not_root", not_root),
     ("bad_input::kernel_without_bpf", kernel_without_bpf),
-    ("bad_input::iptables_mode_not_yet_supported", iptables_not_yet),
-    ("bad_input::second_agent_for_a_node_is_refused", second_agent_for_a_node),
+    (
+        "bad_input::iptables_mode_not_yet_supported",
+        iptables_not_yet,
+    ),
+    (
+        "bad_input::second_agent_for_a_node_is_refused",
+        second_agent_for_a_node,
+    ),
 ];
 
 /// Where the failing agents would pin: must not exist afterwards.
@@ -38,9 +47,16 @@ fn expect_failure(mut cmd: Command, code: i32, needles: &[&str]) -> Result<Strin
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let leftover = Path::new(BAD_BPF_ROOT).exists();
     let _ = std::fs::remove_dir_all(BAD_BPF_ROOT);
-    ensure!(out.status.code() == Some(code), "expected exit {code}, got {}; stderr:\n{stderr}", out.status);
+    ensure!(
+        out.status.code() == Some(code),
+        "expected exit {code}, got {}; stderr:\n{stderr}",
+        out.status
+    );
     for needle in needles {
-        ensure!(stderr.contains(needle), "the error should mention {needle:?}; stderr:\n{stderr}");
+        ensure!(
+            stderr.contains(needle),
+            "the error should mention {needle:?}; stderr:\n{stderr}"
+        );
     }
     ensure!(!leftover, "a failed start left {BAD_BPF_ROOT} behind");
     ensure!(!stderr.contains("panicked"), "warren panicked:\n{stderr}");
@@ -49,7 +65,16 @@ fn expect_failure(mut cmd: Command, code: i32, needles: &[&str]) -> Result<Strin
 
 fn agent(config: &Path, extra: &[&str]) -> Result<Command> {
     let mut cmd = Command::new(warren()?);
-    cmd.args(["agent", "--node", NODE, "--bpf-root", BAD_BPF_ROOT, "--config"]).arg(config).args(extra);
+    cmd.args([
+        "agent",
+        "--node",
+        NODE,
+        "--bpf-root",
+        BAD_BPF_ROOT,
+        "--config",
+    ])
+    .arg(config)
+    .args(extra);
     cmd.env("RUST_LOG", "info");
     Ok(cmd)
 }
@@ -65,7 +90,9 @@ fn config_file(yaml: &str) -> Result<(tempfile::TempDir, PathBuf)> {
 }
 
 fn workload_yaml(netns: &str, cgroup: Option<&str>) -> String {
-    let cgroup = cgroup.map(|c| format!("\n  cgroup: {c}")).unwrap_or_default();
+    let cgroup = cgroup
+        .map(|c| format!("\n  cgroup: {c}"))
+        .unwrap_or_default();
     format!(
         "meshNamespaces: [demo]\nworkloads:\n- name: ghost\n  namespace: demo\n  node: {NODE}\n  ips: [\"10.77.9.9\"]\n  netns: {netns}{cgroup}\n"
     )
@@ -82,7 +109,11 @@ fn unknown_flag(_: &Lab) -> Result<()> {
 
 fn config_with_unknown_field(_: &Lab) -> Result<()> {
     let (_dir, config) = config_file("meshNamespace: [demo]\n")?;
-    expect_failure(agent(&config, &[])?, 1, &["meshNamespace", &config.display().to_string()])?;
+    expect_failure(
+        agent(&config, &[])?,
+        1,
+        &["meshNamespace", &config.display().to_string()],
+    )?;
     Ok(())
 }
 
@@ -91,15 +122,31 @@ fn missing_netns(_: &Lab) -> Result<()> {
     expect_failure(
         agent(&config, &[])?,
         1,
-        &["demo/ghost", "/run/netns/warren-e2e-no-such-netns", "does not exist", "netns"],
+        &[
+            "demo/ghost",
+            "/run/netns/warren-e2e-no-such-netns",
+            "does not exist",
+            "netns",
+        ],
     )?;
     Ok(())
 }
 
 fn missing_cgroup(lab: &Lab) -> Result<()> {
     let netns = lab.pod("demo/client").netns_path.display().to_string();
-    let (_dir, config) = config_file(&workload_yaml(&netns, Some("/sys/fs/cgroup/warren-e2e-no-such-cgroup")))?;
-    expect_failure(agent(&config, &[])?, 1, &["demo/ghost", "/sys/fs/cgroup/warren-e2e-no-such-cgroup", "cgroup"])?;
+    let (_dir, config) = config_file(&workload_yaml(
+        &netns,
+        Some("/sys/fs/cgroup/warren-e2e-no-such-cgroup"),
+    ))?;
+    expect_failure(
+        agent(&config, &[])?,
+        1,
+        &[
+            "demo/ghost",
+            "/sys/fs/cgroup/warren-e2e-no-such-cgroup",
+            "cgroup",
+        ],
+    )?;
     Ok(())
 }
 
@@ -112,7 +159,15 @@ fn not_root(_: &Lab) -> Result<()> {
     std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755))?;
     let (_cfg_dir, config) = config_file(EMPTY)?;
     let mut cmd = Command::new(&binary);
-    cmd.args(["agent", "--node", NODE, "--bpf-root", BAD_BPF_ROOT, "--config"]).arg(&config);
+    cmd.args([
+        "agent",
+        "--node",
+        NODE,
+        "--bpf-root",
+        BAD_BPF_ROOT,
+        "--config",
+    ])
+    .arg(&config);
     cmd.uid(65534).gid(65534);
     expect_failure(cmd, 1, &["must run as root"])?;
     Ok(())
@@ -122,7 +177,10 @@ fn kernel_without_bpf(_: &Lab) -> Result<()> {
     let (_dir, config) = config_file(EMPTY)?;
     for mode in ["ebpf", "auto"] {
         expect_failure(
-            agent(&config, &["--redirect", mode, "--probe-pretend-missing", "bpf"])?,
+            agent(
+                &config,
+                &["--redirect", mode, "--probe-pretend-missing", "bpf"],
+            )?,
             1,
             &["the bpf() syscall", "kernel"],
         )?;
@@ -132,7 +190,11 @@ fn kernel_without_bpf(_: &Lab) -> Result<()> {
 
 fn iptables_not_yet(_: &Lab) -> Result<()> {
     let (_dir, config) = config_file(EMPTY)?;
-    expect_failure(agent(&config, &["--redirect", "iptables"])?, 1, &["--redirect iptables", "not yet supported"])?;
+    expect_failure(
+        agent(&config, &["--redirect", "iptables"])?,
+        1,
+        &["--redirect iptables", "not yet supported"],
+    )?;
     Ok(())
 }
 
@@ -140,17 +202,33 @@ fn iptables_not_yet(_: &Lab) -> Result<()> {
 /// and n1's agent keeps serving.
 fn second_agent_for_a_node(lab: &Lab) -> Result<()> {
     let mut cmd = Command::new(warren()?);
-    cmd.args(["agent", "--node", "n1", "--bpf-root", BAD_BPF_ROOT, "--config"]).arg(lab.config_path());
+    cmd.args([
+        "agent",
+        "--node",
+        "n1",
+        "--bpf-root",
+        BAD_BPF_ROOT,
+        "--config",
+    ])
+    .arg(lab.config_path());
     let node_netns = lab.node("n1").netns_path.clone();
     // SAFETY: setns in the child before exec; only async-signal-safe work.
     unsafe {
         cmd.pre_exec(move || {
             let file = std::fs::File::open(&node_netns)?;
-            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)
         });
     }
-    expect_failure(cmd, 1, &["port 15001 is already in use", "another warren agent"])?;
+    expect_failure(
+        cmd,
+        1,
+        &["port 15001 is already in use", "another warren agent"],
+    )?;
     let app = lab.serve("demo/server", 0, AppMode::Echo)?;
     let dst = lab.pod("demo/server").addr(Family::V4, app.port());
-    ensure_ok(&lab.connect("demo/client", dst, AppMode::Echo, 1024)?, "n1 after a refused second agent")
+    ensure_ok(
+        &lab.connect("demo/client", dst, AppMode::Echo, 1024)?,
+        "n1 after a refused second agent",
+    )
 }

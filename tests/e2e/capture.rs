@@ -7,11 +7,24 @@ use warren_lab::{AppMode, ConnectOptions, Family, Lab, Signal};
 use crate::support::{access_line, access_lines_for, ensure_ok};
 
 pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
-    ("capture::legacy_client_is_not_captured", legacy_client_is_not_captured),
-    ("capture::enrolled_pod_to_outside_passes_through", enrolled_pod_to_outside),
+    (
+        "capture::legacy_client_is_not_captured",
+        legacy_client_is_not_captured,
+    ),
+    (
+        "capture::enrolled_pod_to_outside_passes_through",
+        enrolled_pod_to_outside,
+    ),
     ("capture::udp_is_untouched", udp_is_untouched),
     ("capture::node_to_pod_probe_works", node_to_pod_probe),
-    ("capture::agent_restart_recovers_and_fails_closed_meanwhile", agent_restart),
+    (
+        "capture::agent_restart_recovers_and_fails_closed_meanwhile",
+        agent_restart,
+    ),
+    (
+        "capture::same_loopback_tuple_in_two_pods",
+        same_loopback_tuple_in_two_pods,
+    ),
 ];
 
 /// `legacy` is not in the mesh: n1's agent does not carry its outbound connection; the
@@ -24,9 +37,16 @@ fn legacy_client_is_not_captured(lab: &Lab) -> Result<()> {
         let report = lab.connect("legacy/client", dst, AppMode::Sha, 1 << 20)?;
         ensure_ok(&report, &format!("legacy/client → {dst}"))?;
         let inbound = access_line(lab, "n2", n2, "inbound", dst)?;
-        ensure!(inbound.contains("src_workload=legacy/client"), "inbound line names the wrong source: {inbound}");
+        ensure!(
+            inbound.contains("src_workload=legacy/client"),
+            "inbound line names the wrong source: {inbound}"
+        );
         let n1_lines = access_lines_for(lab, "n1", n1, dst)?;
-        ensure!(n1_lines.is_empty(), "n1's agent carried legacy/client's connection:\n{}", n1_lines.join("\n"));
+        ensure!(
+            n1_lines.is_empty(),
+            "n1's agent carried legacy/client's connection:\n{}",
+            n1_lines.join("\n")
+        );
     }
     Ok(())
 }
@@ -41,10 +61,16 @@ fn enrolled_pod_to_outside(lab: &Lab) -> Result<()> {
         let report = lab.connect("demo/client", dst, AppMode::Sha, 4 << 20)?;
         ensure_ok(&report, &format!("demo/client → outside {dst}"))?;
         let line = access_line(lab, "n1", offset, "outbound", dst)?;
-        ensure!(line.contains("dst_workload=-"), "outside is not a workload: {line}");
+        ensure!(
+            line.contains("dst_workload=-"),
+            "outside is not a workload: {line}"
+        );
         let client_ip = lab.pod("demo/client").ip(family).to_string();
         let seen = app.log().join("\n");
-        ensure!(seen.contains(&client_ip), "outside did not see the pod's address {client_ip}; server log:\n{seen}");
+        ensure!(
+            seen.contains(&client_ip),
+            "outside did not see the pod's address {client_ip}; server log:\n{seen}"
+        );
     }
     Ok(())
 }
@@ -61,12 +87,23 @@ fn udp_is_untouched(lab: &Lab) -> Result<()> {
             let (n1, n2) = (lab.agent_log_len("n1"), lab.agent_log_len("n2"));
             let report = lab.connect_with(
                 "demo/client",
-                &ConnectOptions { addr: dst, mode: AppMode::Echo, bytes: 512, udp: true, timeout: std::time::Duration::from_secs(5) },
+                &ConnectOptions {
+                    addr: dst,
+                    mode: AppMode::Echo,
+                    bytes: 512,
+                    udp: true,
+                    timeout: std::time::Duration::from_secs(5),
+                    source_port: None,
+                },
             )?;
             ensure_ok(&report, &format!("UDP to {dst}"))?;
             for (node, offset) in [("n1", n1), ("n2", n2)] {
                 let lines = access_lines_for(lab, node, offset, dst)?;
-                ensure!(lines.is_empty(), "{node}'s agent touched UDP to {dst}:\n{}", lines.join("\n"));
+                ensure!(
+                    lines.is_empty(),
+                    "{node}'s agent touched UDP to {dst}:\n{}",
+                    lines.join("\n")
+                );
             }
         }
     }
@@ -93,38 +130,186 @@ fn agent_restart(lab: &Lab) -> Result<()> {
     let pin_dir = Path::new("/sys/fs/bpf/warren/n1");
     let pins_before = list_dir(pin_dir)?;
     let links_before = bpf_links()?;
-    ensure!(pins_before.iter().any(|p| p.starts_with("link_sk_lookup_")), "no sk_lookup pins in {pins_before:?}");
+    ensure!(
+        pins_before.iter().any(|p| p.starts_with("link_sk_lookup_")),
+        "no sk_lookup pins in {pins_before:?}"
+    );
 
     let server = lab.serve("demo/server", 0, AppMode::Echo)?;
     let peer = lab.serve("demo/peer", 0, AppMode::Echo)?;
     let to_server = lab.pod("demo/server").addr(Family::V4, server.port());
     let to_peer = lab.pod("demo/peer").addr(Family::V4, peer.port());
-    ensure_ok(&lab.connect("demo/client", to_server, AppMode::Echo, 1024)?, "before the crash")?;
+    ensure_ok(
+        &lab.connect("demo/client", to_server, AppMode::Echo, 1024)?,
+        "before the crash",
+    )?;
 
     lab.kill_agent("n1", Signal::SIGKILL)?;
     let restart = (|| -> Result<()> {
         let out = lab.connect("demo/client", to_server, AppMode::Echo, 1024)?;
-        ensure!(!out.ok, "outbound from an enrolled pod worked with its agent down (fail open): {out:?}");
+        ensure!(
+            !out.ok,
+            "outbound from an enrolled pod worked with its agent down (fail open): {out:?}"
+        );
         let into = lab.connect("demo/server", to_peer, AppMode::Echo, 1024)?;
-        ensure!(!into.ok, "inbound to an enrolled pod worked with its agent down (fail open): {into:?}");
+        ensure!(
+            !into.ok,
+            "inbound to an enrolled pod worked with its agent down (fail open): {into:?}"
+        );
         let untouched = lab.connect("legacy/client", to_server, AppMode::Echo, 1024)?;
-        ensure_ok(&untouched, "a pod outside the mesh while n1's agent is down")?;
-        ensure!(list_dir(pin_dir)? == pins_before, "pins changed while the agent was down");
+        ensure_ok(
+            &untouched,
+            "a pod outside the mesh while n1's agent is down",
+        )?;
+        ensure!(
+            list_dir(pin_dir)? == pins_before,
+            "pins changed while the agent was down"
+        );
         Ok(())
     })();
     lab.start_agent("n1").context("restarting n1's agent")?;
     restart?;
 
-    ensure_ok(&lab.connect("demo/client", to_server, AppMode::Echo, 1 << 20)?, "outbound after the restart")?;
-    ensure_ok(&lab.connect("demo/server", to_peer, AppMode::Echo, 1 << 20)?, "inbound after the restart")?;
+    ensure_ok(
+        &lab.connect("demo/client", to_server, AppMode::Echo, 1 << 20)?,
+        "outbound after the restart",
+    )?;
+    ensure_ok(
+        &lab.connect("demo/server", to_peer, AppMode::Echo, 1 << 20)?,
+        "inbound after the restart",
+    )?;
     let pins_after = list_dir(pin_dir)?;
-    ensure!(pins_after == pins_before, "pins differ after the restart:\nbefore {pins_before:?}\nafter  {pins_after:?}");
+    ensure!(
+        pins_after == pins_before,
+        "pins differ after the restart:\nbefore {pins_before:?}\nafter  {pins_after:?}"
+    );
     let links_after = bpf_links()?;
     ensure!(
         links_after == links_before,
         "the kernel holds {links_after} BPF links after the restart, {links_before} before"
     );
     Ok(())
+}
+
+/// Two pods of one node connect, at the same time, from the same source port — so both
+/// redirected sockets have the 4-tuple 127.0.0.1:P → 127.0.0.1:15001, each in its own
+/// netns — to different destinations. Each must reach its own destination.
+///
+/// The agent is stopped (SIGSTOP) while both handshakes complete in the kernel, so both
+/// original-destination records exist at once; only then is it let go. A key without
+/// the netns cookie would make the second record overwrite the first.
+fn same_loopback_tuple_in_two_pods(lab: &Lab) -> Result<()> {
+    const SOURCE_PORT: u16 = 40123;
+    let server = lab.serve("demo/server", 0, AppMode::Sha)?;
+    let outside = lab.serve("outside", 0, AppMode::Sha)?;
+    let to_server = lab.pod("demo/server").addr(Family::V4, server.port());
+    let to_outside = std::net::SocketAddr::new(lab.outside_ip(Family::V4), outside.port());
+    let options = |addr| ConnectOptions {
+        addr,
+        mode: AppMode::Sha,
+        bytes: 1 << 16,
+        udp: false,
+        timeout: std::time::Duration::from_secs(30),
+        source_port: Some(SOURCE_PORT),
+    };
+
+    let (n1_offset, n2_offset) = (lab.agent_log_len("n1"), lab.agent_log_len("n2"));
+    let agent = nix::unistd::Pid::from_raw(
+        lab.agent_pid("n1").context("n1's agent is not running")? as i32,
+    );
+    nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGSTOP)?;
+    let continued = Continue(agent);
+    let (client, peer) = std::thread::scope(|scope| -> Result<_> {
+        let client = scope.spawn(|| lab.connect_with("demo/client", &options(to_server)));
+        let peer = scope.spawn(|| lab.connect_with("demo/peer", &options(to_outside)));
+        let recorded = wait_for_original_dst_records(SOURCE_PORT, 2);
+        drop(continued);
+        recorded?;
+        Ok((
+            client.join().expect("client thread"),
+            peer.join().expect("peer thread"),
+        ))
+    })?;
+    ensure_ok(
+        &client?,
+        "demo/client → demo/server from the shared source port",
+    )?;
+    ensure_ok(&peer?, "demo/peer → outside from the shared source port")?;
+
+    // Each connection went where its own pod sent it, as both ends saw it.
+    let to_server_line = access_line(lab, "n1", n1_offset, "outbound", to_server)?;
+    ensure!(
+        to_server_line.contains("src_workload=demo/client"),
+        "wrong pod reached demo/server: {to_server_line}"
+    );
+    let to_outside_line = access_line(lab, "n1", n1_offset, "outbound", to_outside)?;
+    ensure!(
+        to_outside_line.contains("src_workload=demo/peer"),
+        "wrong pod reached outside: {to_outside_line}"
+    );
+    let inbound = access_line(lab, "n2", n2_offset, "inbound", to_server)?;
+    ensure!(
+        inbound.contains("src_workload=demo/client"),
+        "demo/server was reached by the wrong pod: {inbound}"
+    );
+    let (client_ip, peer_ip) = (
+        lab.pod("demo/client").ip(Family::V4).to_string(),
+        lab.pod("demo/peer").ip(Family::V4).to_string(),
+    );
+    let outside_log = outside.log().join("\n");
+    ensure!(
+        outside_log.contains(&peer_ip) && !outside_log.contains(&client_ip),
+        "outside should have been reached by demo/peer only:\n{outside_log}"
+    );
+    Ok(())
+}
+
+/// Sends SIGCONT to the agent when dropped, whatever happened.
+struct Continue(nix::unistd::Pid);
+impl Drop for Continue {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+/// Wait until n1's ORIGINAL_DST map holds `count` records for client port `port`.
+fn wait_for_original_dst_records(port: u16, count: usize) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let out = Command::new("bpftool")
+            .args([
+                "-j",
+                "map",
+                "dump",
+                "pinned",
+                "/sys/fs/bpf/warren/n1/ORIGINAL_DST",
+            ])
+            .output()
+            .context("running bpftool")?;
+        let entries: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        // ClientKey: netns cookie (8 bytes), address (16), port (2, host order), padding.
+        let [lo, hi] = port.to_le_bytes();
+        let wanted = [format!("0x{lo:02x}"), format!("0x{hi:02x}")];
+        let found = entries
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|entry| {
+                let key = entry["key"].as_array();
+                key.is_some_and(|k| {
+                    k.len() >= 26 && k[24] == wanted[0].as_str() && k[25] == wanted[1].as_str()
+                })
+            })
+            .count();
+        if found >= count {
+            return Ok(());
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "ORIGINAL_DST holds {found} record(s) for client port {port}, expected {count}: {entries}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 fn list_dir(dir: &Path) -> Result<BTreeSet<String>> {
@@ -136,11 +321,22 @@ fn list_dir(dir: &Path) -> Result<BTreeSet<String>> {
 
 /// Number of BPF links in the kernel (`bpftool link list`).
 fn bpf_links() -> Result<usize> {
-    let out = Command::new("bpftool").args(["link", "list"]).output().context("running bpftool (installed by `cargo xtask setup`)")?;
-    ensure!(out.status.success(), "bpftool link list: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("bpftool")
+        .args(["link", "list"])
+        .output()
+        .context("running bpftool (installed by `cargo xtask setup`)")?;
+    ensure!(
+        out.status.success(),
+        "bpftool link list: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     Ok(text
         .lines()
-        .filter(|l| l.split(':').next().is_some_and(|id| !id.is_empty() && id.chars().all(|c| c.is_ascii_digit())))
+        .filter(|l| {
+            l.split(':')
+                .next()
+                .is_some_and(|id| !id.is_empty() && id.chars().all(|c| c.is_ascii_digit()))
+        })
         .count())
 }

@@ -33,7 +33,10 @@ fn main() -> std::process::ExitCode {
         .iter()
         .any(|(name, _)| !args.is_filtered_out(&Trial::test(*name, || Ok(()))));
     if args.list || !selected {
-        let trials = scenarios.iter().map(|(name, _)| Trial::test(*name, || Ok(()))).collect();
+        let trials = scenarios
+            .iter()
+            .map(|(name, _)| Trial::test(*name, || Ok(())))
+            .collect();
         return libtest_mimic::run(&args, trials).exit_code();
     }
 

@@ -24,13 +24,22 @@ impl Drop for Teardown {
 
 /// The access-log line of `node`'s agent, written after `offset`, for a connection in
 /// `direction` ("outbound"/"inbound") to `dst`. Waits for it to appear.
-pub fn access_line(lab: &Lab, node: &str, offset: u64, direction: &str, dst: SocketAddr) -> Result<String> {
+pub fn access_line(
+    lab: &Lab,
+    node: &str,
+    offset: u64,
+    direction: &str,
+    dst: SocketAddr,
+) -> Result<String> {
     let direction = format!("direction=\"{direction}\"");
     let dst = format!("dst={dst} ");
     let deadline = Instant::now() + LOG_WAIT;
     loop {
         let log = lab.agent_log_since(node, offset)?;
-        if let Some(line) = log.lines().find(|l| l.contains(" access: ") && l.contains(&direction) && l.contains(&dst)) {
+        if let Some(line) = log
+            .lines()
+            .find(|l| l.contains(" access: ") && l.contains(&direction) && l.contains(&dst))
+        {
             return Ok(line.to_owned());
         }
         if Instant::now() > deadline {
@@ -41,7 +50,12 @@ pub fn access_line(lab: &Lab, node: &str, offset: u64, direction: &str, dst: Soc
 }
 
 /// Access-log lines of `node`'s agent after `offset` that mention `dst` (no waiting).
-pub fn access_lines_for(lab: &Lab, node: &str, offset: u64, dst: SocketAddr) -> Result<Vec<String>> {
+pub fn access_lines_for(
+    lab: &Lab,
+    node: &str,
+    offset: u64,
+    dst: SocketAddr,
+) -> Result<Vec<String>> {
     let needle = format!("dst={dst} ");
     Ok(lab
         .agent_log_since(node, offset)?
@@ -64,7 +78,11 @@ pub fn agent_log_tails(lab: &Lab) -> String {
         let log = std::fs::read_to_string(&path).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         let tail = &lines[lines.len().saturating_sub(20)..];
-        out.push_str(&format!("--- last lines of {} ---\n{}\n", path.display(), tail.join("\n")));
+        out.push_str(&format!(
+            "--- last lines of {} ---\n{}\n",
+            path.display(),
+            tail.join("\n")
+        ));
     }
     out
 }

@@ -6,10 +6,18 @@ use warren_lab::{AppMode, Family, Lab};
 use crate::support::{access_line, ensure_ok};
 
 pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
-    ("traffic::across_nodes_ipv4_64mib", |lab| carried(lab, "demo/client", "demo/server", Family::V4)),
-    ("traffic::across_nodes_ipv6_64mib", |lab| carried(lab, "demo/client", "demo/server", Family::V6)),
-    ("traffic::same_node_ipv4_64mib", |lab| carried(lab, "demo/client", "demo/peer", Family::V4)),
-    ("traffic::same_node_ipv6_64mib", |lab| carried(lab, "demo/client", "demo/peer", Family::V6)),
+    ("traffic::across_nodes_ipv4_64mib", |lab| {
+        carried(lab, "demo/client", "demo/server", Family::V4)
+    }),
+    ("traffic::across_nodes_ipv6_64mib", |lab| {
+        carried(lab, "demo/client", "demo/server", Family::V6)
+    }),
+    ("traffic::same_node_ipv4_64mib", |lab| {
+        carried(lab, "demo/client", "demo/peer", Family::V4)
+    }),
+    ("traffic::same_node_ipv6_64mib", |lab| {
+        carried(lab, "demo/client", "demo/peer", Family::V6)
+    }),
     ("traffic::half_close_across_nodes", half_close),
     ("traffic::server_speaks_first", server_speaks_first),
 ];
@@ -22,21 +30,34 @@ fn carried(lab: &Lab, client: &str, server: &str, family: Family) -> Result<()> 
     let app = lab.serve(server, 0, AppMode::Sha)?;
     let dst = lab.pod(server).addr(family, app.port());
     let (client_node, server_node) = (&lab.pod(client).node, &lab.pod(server).node);
-    let (client_off, server_off) = (lab.agent_log_len(client_node), lab.agent_log_len(server_node));
+    let (client_off, server_off) = (
+        lab.agent_log_len(client_node),
+        lab.agent_log_len(server_node),
+    );
 
     let report = lab.connect(client, dst, AppMode::Sha, BIG)?;
     ensure_ok(&report, &format!("{client} → {dst}"))?;
-    ensure!(report.received == BIG, "server saw {} bytes, not {BIG}", report.received);
+    ensure!(
+        report.received == BIG,
+        "server saw {} bytes, not {BIG}",
+        report.received
+    );
 
     let outbound = access_line(lab, client_node, client_off, "outbound", dst)?;
     let inbound = access_line(lab, server_node, server_off, "inbound", dst)?;
     for line in [&outbound, &inbound] {
         ensure!(line.contains("outcome=\"ok\""), "connection not ok: {line}");
-        ensure!(line.contains(&format!("bytes_sent={BIG}")), "byte count wrong: {line}");
+        ensure!(
+            line.contains(&format!("bytes_sent={BIG}")),
+            "byte count wrong: {line}"
+        );
     }
     let src = field(&outbound, "src").unwrap_or_default();
     let client_ip = lab.pod(client).ip(family).to_string();
-    ensure!(src.contains(&client_ip), "outbound connection did not leave with the pod's address {client_ip}: {outbound}");
+    ensure!(
+        src.contains(&client_ip),
+        "outbound connection did not leave with the pod's address {client_ip}: {outbound}"
+    );
     ensure!(
         field(&inbound, "src") == Some(src),
         "both ends should log the same source ({src}):\n{outbound}\n{inbound}"
@@ -51,7 +72,11 @@ fn half_close(lab: &Lab) -> Result<()> {
     let offset = lab.agent_log_len("n1");
     let report = lab.connect("demo/client", dst, AppMode::Echo, 1 << 20)?;
     ensure_ok(&report, "echo after half-close")?;
-    ensure!(report.received == 1 << 20, "echoed {} bytes", report.received);
+    ensure!(
+        report.received == 1 << 20,
+        "echoed {} bytes",
+        report.received
+    );
     access_line(lab, "n1", offset, "outbound", dst)?;
     Ok(())
 }

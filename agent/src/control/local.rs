@@ -25,9 +25,15 @@ use crate::workload::Workload;
 #[derive(Debug, thiserror::Error)]
 pub enum LocalConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path} is not valid: {source}")]
-    Parse { path: PathBuf, source: serde_yaml::Error },
+    Parse {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
     #[error("config file {path}: {problem}")]
     Invalid { path: PathBuf, problem: String },
 }
@@ -77,10 +83,11 @@ impl LocalConfig {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Self, LocalConfigError> {
-        let file: LocalConfigFile = serde_yaml::from_str(text).map_err(|source| LocalConfigError::Parse {
-            path: path.to_owned(),
-            source,
-        })?;
+        let file: LocalConfigFile =
+            serde_yaml::from_str(text).map_err(|source| LocalConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            })?;
         let invalid = |problem: String| LocalConfigError::Invalid {
             path: path.to_owned(),
             problem,
@@ -90,7 +97,11 @@ impl LocalConfig {
         let mut workloads = Vec::with_capacity(file.workloads.len());
         for spec in file.workloads {
             let id = format!("{}/{}", spec.namespace, spec.name);
-            for (field, value) in [("name", &spec.name), ("namespace", &spec.namespace), ("node", &spec.node)] {
+            for (field, value) in [
+                ("name", &spec.name),
+                ("namespace", &spec.namespace),
+                ("node", &spec.node),
+            ] {
                 if value.trim().is_empty() {
                     return Err(invalid(format!("workload {id:?} has an empty `{field}`")));
                 }
@@ -100,7 +111,9 @@ impl LocalConfig {
             }
             for ip in &spec.ips {
                 if let Some(other) = owners.insert(ip.to_canonical(), id.clone()) {
-                    return Err(invalid(format!("address {ip} is claimed by both {other} and {id}")));
+                    return Err(invalid(format!(
+                        "address {ip} is claimed by both {other} and {id}"
+                    )));
                 }
             }
             workloads.push(Arc::new(Workload {
@@ -166,9 +179,17 @@ workloads:
     #[test]
     fn selects_enrolled_workloads_of_this_node() {
         let config = parse(SAMPLE).unwrap();
-        let n1: Vec<_> = config.enrolled_on("n1").iter().map(|w| w.to_string()).collect();
+        let n1: Vec<_> = config
+            .enrolled_on("n1")
+            .iter()
+            .map(|w| w.to_string())
+            .collect();
         assert_eq!(n1, ["demo/client"]);
-        let n2: Vec<_> = config.enrolled_on("n2").iter().map(|w| w.to_string()).collect();
+        let n2: Vec<_> = config
+            .enrolled_on("n2")
+            .iter()
+            .map(|w| w.to_string())
+            .collect();
         assert_eq!(n2, ["demo/server"]);
         assert_eq!(config.workloads[1].service_account, "default");
     }
@@ -184,7 +205,10 @@ workloads:
     fn duplicate_address_is_refused() {
         let text = SAMPLE.replace("10.77.1.12", "10.77.1.10");
         let err = parse(&text).unwrap_err().to_string();
-        assert!(err.contains("10.77.1.10 is claimed by both demo/client and legacy/client"), "{err}");
+        assert!(
+            err.contains("10.77.1.10 is claimed by both demo/client and legacy/client"),
+            "{err}"
+        );
     }
 
     #[test]

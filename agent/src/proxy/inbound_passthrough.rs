@@ -7,7 +7,12 @@ use tokio::net::TcpStream;
 use super::{is_agent_port, relay, ConnectionRecord, Direction, Pod, ProxyContext};
 use crate::socket::connect_from;
 
-pub async fn handle(ctx: Arc<ProxyContext>, mut downstream: TcpStream, peer: SocketAddr, pod: Arc<Pod>) {
+pub async fn handle(
+    ctx: Arc<ProxyContext>,
+    mut downstream: TcpStream,
+    peer: SocketAddr,
+    pod: Arc<Pod>,
+) {
     let started = Instant::now();
     let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     let dst = match downstream.local_addr() {
@@ -30,7 +35,9 @@ pub async fn handle(ctx: Arc<ProxyContext>, mut downstream: TcpStream, peer: Soc
         outcome: Ok(()),
     };
     if is_agent_port(dst.port()) {
-        record.outcome = Err(format!("refused: {dst} is one of the agent's own ports (loop)"));
+        record.outcome = Err(format!(
+            "refused: {dst} is one of the agent's own ports (loop)"
+        ));
         record.emit();
         return;
     }

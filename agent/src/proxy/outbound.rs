@@ -7,7 +7,12 @@ use tokio::net::TcpStream;
 use super::{is_agent_port, relay, ConnectionRecord, Direction, Pod, ProxyContext};
 use crate::socket::connect_from;
 
-pub async fn handle(ctx: Arc<ProxyContext>, mut downstream: TcpStream, peer: SocketAddr, pod: Arc<Pod>) {
+pub async fn handle(
+    ctx: Arc<ProxyContext>,
+    mut downstream: TcpStream,
+    peer: SocketAddr,
+    pod: Arc<Pod>,
+) {
     let started = Instant::now();
     let Some(dst) = ctx.original_dst.take(pod.netns_cookie, peer) else {
         tracing::warn!(pod = %pod.workload, %peer, "no original destination recorded for this connection (was it made to port 15001 directly?); closing it");
@@ -26,7 +31,9 @@ pub async fn handle(ctx: Arc<ProxyContext>, mut downstream: TcpStream, peer: Soc
         outcome: Ok(()),
     };
     if is_agent_port(dst.port()) && pod.workload.ips.contains(&dst.ip().to_canonical()) {
-        record.outcome = Err(format!("refused: {dst} is the agent's own port in this pod (loop)"));
+        record.outcome = Err(format!(
+            "refused: {dst} is the agent's own port in this pod (loop)"
+        ));
         record.emit();
         return;
     }

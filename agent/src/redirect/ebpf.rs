@@ -40,15 +40,27 @@ pub enum EbpfError {
     #[error("loading warren's eBPF object failed: {0}")]
     Load(#[from] AyaLoadError),
     #[error("the eBPF object has no {kind} named {name} (build mismatch)")]
-    Missing { kind: &'static str, name: &'static str },
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
     #[error("eBPF program {name}: {source}")]
-    Program { name: &'static str, source: ProgramError },
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
     #[error("eBPF map {name}: {source}")]
-    Map { name: &'static str, source: MapError },
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
     #[error("cannot open the cgroup v2 root {path}: {source}")]
     Cgroup { path: PathBuf, source: io::Error },
     #[error("eBPF link of {name}: {source}")]
-    Link { name: &'static str, source: LinkError },
+    Link {
+        name: &'static str,
+        source: LinkError,
+    },
     #[error("cannot pin {path}: {reason}")]
     Pin { path: PathBuf, reason: String },
     #[error("cannot start the eBPF log reader: {0}")]
@@ -87,7 +99,10 @@ impl OriginalDstTable {
             client: SockAddr::from(SocketAddr::new(peer.ip().to_canonical(), peer.port())),
             _pad: 0,
         };
-        let mut map = self.map.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut map = self
+            .map
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let found = map.get(&key, 0).ok()?;
         let _ = map.remove(&key);
         Some(found.into())
@@ -98,7 +113,10 @@ impl EbpfRedirect {
     /// Load and attach the programs, reusing pinned maps and replacing pinned links.
     /// When this run created the pin directory and fails, it removes it again, so a failed
     /// first start leaves nothing behind.
-    pub fn install(pin_dir: &Path, cgroup_root: &Path) -> Result<(Self, OriginalDstTable), EbpfError> {
+    pub fn install(
+        pin_dir: &Path,
+        cgroup_root: &Path,
+    ) -> Result<(Self, OriginalDstTable), EbpfError> {
         let created = !pin_dir.exists();
         std::fs::create_dir_all(pin_dir).map_err(|source| EbpfError::PinDir {
             path: pin_dir.to_owned(),
@@ -111,8 +129,13 @@ impl EbpfRedirect {
         result
     }
 
-    fn load_and_attach(pin_dir: &Path, cgroup_root: &Path) -> Result<(Self, OriginalDstTable), EbpfError> {
-        let mut ebpf = EbpfLoader::new().default_map_pin_directory(pin_dir).load(EBPF_OBJECT)?;
+    fn load_and_attach(
+        pin_dir: &Path,
+        cgroup_root: &Path,
+    ) -> Result<(Self, OriginalDstTable), EbpfError> {
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(EBPF_OBJECT)?;
         let cgroup = File::open(cgroup_root).map_err(|source| EbpfError::Cgroup {
             path: cgroup_root.to_owned(),
             source,
@@ -120,28 +143,38 @@ impl EbpfRedirect {
 
         for name in [programs::CONNECT4, programs::CONNECT6] {
             let program: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
-            program.load().map_err(|source| EbpfError::Program { name, source })?;
+            program
+                .load()
+                .map_err(|source| EbpfError::Program { name, source })?;
             let id = program
                 .attach(cgroup.as_fd(), CgroupAttachMode::Single)
                 .map_err(|source| EbpfError::Program { name, source })?;
-            let link = program.take_link(id).map_err(|source| EbpfError::Program { name, source })?;
+            let link = program
+                .take_link(id)
+                .map_err(|source| EbpfError::Program { name, source })?;
             let link = FdLink::try_from(link).map_err(|source| EbpfError::Link { name, source })?;
             replace_pinned_link(link, &pin_dir.join(link_file_name(name)))?;
         }
         {
             let name = programs::SOCK_OPS;
             let program: &mut SockOps = program_mut(&mut ebpf, name)?;
-            program.load().map_err(|source| EbpfError::Program { name, source })?;
+            program
+                .load()
+                .map_err(|source| EbpfError::Program { name, source })?;
             let id = program
                 .attach(cgroup.as_fd(), CgroupAttachMode::Single)
                 .map_err(|source| EbpfError::Program { name, source })?;
-            let link = program.take_link(id).map_err(|source| EbpfError::Program { name, source })?;
+            let link = program
+                .take_link(id)
+                .map_err(|source| EbpfError::Program { name, source })?;
             let link = FdLink::try_from(link).map_err(|source| EbpfError::Link { name, source })?;
             replace_pinned_link(link, &pin_dir.join(link_file_name(name)))?;
         }
         let name = programs::SK_LOOKUP;
         let sk_lookup: &mut SkLookup = program_mut(&mut ebpf, name)?;
-        sk_lookup.load().map_err(|source| EbpfError::Program { name, source })?;
+        sk_lookup
+            .load()
+            .map_err(|source| EbpfError::Program { name, source })?;
 
         let original_dst = OriginalDstTable {
             map: Mutex::new(take_map(&mut ebpf, maps::ORIGINAL_DST)?),
@@ -169,10 +202,16 @@ impl EbpfRedirect {
             let key = IpKey::from(*ip);
             self.listeners
                 .insert(key, pod.inbound_listener, 0)
-                .map_err(|source| EbpfError::Map { name: maps::INBOUND_LISTENERS, source })?;
+                .map_err(|source| EbpfError::Map {
+                    name: maps::INBOUND_LISTENERS,
+                    source,
+                })?;
             self.pod_ips
                 .insert(key, 0, 0)
-                .map_err(|source| EbpfError::Map { name: maps::INBOUND_POD_IPS, source })?;
+                .map_err(|source| EbpfError::Map {
+                    name: maps::INBOUND_POD_IPS,
+                    source,
+                })?;
         }
         let name = programs::SK_LOOKUP;
         let program: &mut SkLookup = program_mut(&mut self.ebpf, name)?;
@@ -186,7 +225,10 @@ impl EbpfRedirect {
         replace_pinned_link(link, &self.sk_lookup_link_path(pod.netns_cookie))?;
         self.enrolled
             .insert(pod.netns_cookie, EnrolledNetns::default(), 0)
-            .map_err(|source| EbpfError::Map { name: maps::ENROLLED_NETNS, source })
+            .map_err(|source| EbpfError::Map {
+                name: maps::ENROLLED_NETNS,
+                source,
+            })
     }
 
     /// Release a pod: outbound first, then inbound. Missing entries are not an error.
@@ -209,12 +251,22 @@ impl EbpfRedirect {
     /// Remove every trace of pods not in `keep` (pods that left while no agent ran).
     pub fn retain(&mut self, keep: &[PodRedirect<'_>]) -> Result<(), EbpfError> {
         let keep_cookies: HashSet<u64> = keep.iter().map(|p| p.netns_cookie).collect();
-        let keep_ips: HashSet<IpKey> = keep.iter().flat_map(|p| p.ips.iter().map(|ip| IpKey::from(*ip))).collect();
+        let keep_ips: HashSet<IpKey> = keep
+            .iter()
+            .flat_map(|p| p.ips.iter().map(|ip| IpKey::from(*ip)))
+            .collect();
 
         let mut stale_cookies: HashSet<u64> = self.enrolled.keys().filter_map(Result::ok).collect();
-        for entry in std::fs::read_dir(&self.pin_dir).into_iter().flatten().flatten() {
+        for entry in std::fs::read_dir(&self.pin_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let name = entry.file_name();
-            if let Some(cookie) = name.to_str().and_then(|n| n.strip_prefix(SK_LOOKUP_LINK_PREFIX)) {
+            if let Some(cookie) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(SK_LOOKUP_LINK_PREFIX))
+            {
                 if let Ok(cookie) = cookie.parse() {
                     stale_cookies.insert(cookie);
                 }
@@ -228,14 +280,18 @@ impl EbpfRedirect {
             .filter(|ip| !keep_ips.contains(ip))
             .collect();
         for cookie in &stale_cookies {
-            tracing::info!(netns_cookie = cookie, "removing redirection of a pod that is gone");
+            tracing::info!(
+                netns_cookie = cookie,
+                "removing redirection of a pod that is gone"
+            );
             self.unenroll(*cookie, &[])?;
         }
         self.unenroll(0, &stale_ips)
     }
 
     fn sk_lookup_link_path(&self, netns_cookie: u64) -> PathBuf {
-        self.pin_dir.join(format!("{SK_LOOKUP_LINK_PREFIX}{netns_cookie}"))
+        self.pin_dir
+            .join(format!("{SK_LOOKUP_LINK_PREFIX}{netns_cookie}"))
     }
 }
 
@@ -247,15 +303,22 @@ fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut 
 where
     &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {
-    let program = ebpf.program_mut(name).ok_or(EbpfError::Missing { kind: "program", name })?;
-    program.try_into().map_err(|source| EbpfError::Program { name, source })
+    let program = ebpf.program_mut(name).ok_or(EbpfError::Missing {
+        kind: "program",
+        name,
+    })?;
+    program
+        .try_into()
+        .map_err(|source| EbpfError::Program { name, source })
 }
 
 fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, EbpfError>
 where
     M: TryFrom<aya::maps::Map, Error = MapError>,
 {
-    let map = ebpf.take_map(name).ok_or(EbpfError::Missing { kind: "map", name })?;
+    let map = ebpf
+        .take_map(name)
+        .ok_or(EbpfError::Missing { kind: "map", name })?;
     M::try_from(map).map_err(|source| EbpfError::Map { name, source })
 }
 
@@ -272,13 +335,17 @@ fn replace_pinned_link(link: FdLink, path: &Path) -> Result<(), EbpfError> {
             Err(_) => std::fs::remove_file(path).map_err(|err| pin_error(err.to_string()))?,
         }
     }
-    link.pin(path).map(drop).map_err(|err| pin_error(err.to_string()))
+    link.pin(path)
+        .map(drop)
+        .map_err(|err| pin_error(err.to_string()))
 }
 
 fn ignore_missing(result: Result<(), MapError>, name: &'static str) -> Result<(), EbpfError> {
     match result {
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-        Err(MapError::SyscallError(err)) if err.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(MapError::SyscallError(err)) if err.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(())
+        }
         Err(source) => Err(EbpfError::Map { name, source }),
     }
 }

@@ -78,7 +78,9 @@ impl KernelSupport {
         check(KernelFeature::Bpf, bpf);
         check(
             KernelFeature::CgroupV2,
-            cgroup2_mount().map(|_| ()).ok_or_else(|| "no cgroup2 filesystem in /proc/self/mountinfo".to_owned()),
+            cgroup2_mount()
+                .map(|_| ())
+                .ok_or_else(|| "no cgroup2 filesystem in /proc/self/mountinfo".to_owned()),
         );
         check(KernelFeature::Bpffs, is_bpffs(bpffs));
         check(
@@ -86,11 +88,16 @@ impl KernelSupport {
             Path::new("/sys/kernel/btf/vmlinux")
                 .exists()
                 .then_some(())
-                .ok_or_else(|| "/sys/kernel/btf/vmlinux is absent (CONFIG_DEBUG_INFO_BTF)".to_owned()),
+                .ok_or_else(|| {
+                    "/sys/kernel/btf/vmlinux is absent (CONFIG_DEBUG_INFO_BTF)".to_owned()
+                }),
         );
         // Without the syscall the program probes only repeat the same failure.
         if bpf_ok {
-            check(KernelFeature::CgroupSockAddr, program(ProgramType::CgroupSockAddr));
+            check(
+                KernelFeature::CgroupSockAddr,
+                program(ProgramType::CgroupSockAddr),
+            );
             check(KernelFeature::SockOps, program(ProgramType::SockOps));
             check(KernelFeature::SkLookup, program(ProgramType::SkLookup));
         }
@@ -117,7 +124,11 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 fn is_bpffs(path: &Path) -> Result<(), String> {
     match nix::sys::statfs::statfs(path) {
         Ok(fs) if fs.filesystem_type().0 == BPF_FS_MAGIC => Ok(()),
-        Ok(_) => Err(format!("{} is not a bpffs mount (`mount -t bpf bpf {}`)", path.display(), path.display())),
+        Ok(_) => Err(format!(
+            "{} is not a bpffs mount (`mount -t bpf bpf {}`)",
+            path.display(),
+            path.display()
+        )),
         Err(err) => Err(format!("{}: {err}", path.display())),
     }
 }
@@ -149,14 +160,25 @@ mod tests {
 31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw
 32 30 0:28 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu
 ";
-        assert_eq!(parse_cgroup2_mount(mountinfo), Some(PathBuf::from("/sys/fs/cgroup/unified")));
-        assert_eq!(parse_cgroup2_mount("30 24 0:26 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"), None);
+        assert_eq!(
+            parse_cgroup2_mount(mountinfo),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            parse_cgroup2_mount("30 24 0:26 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"),
+            None
+        );
     }
 
     #[test]
     fn pretend_missing_is_reported() {
         let support = KernelSupport::probe(Path::new("/sys/fs/bpf"), &[KernelFeature::SkLookup]);
-        let summary = support.missing_summary().expect("sk_lookup reported missing");
-        assert!(summary.contains("sk_lookup programs (reported missing by --probe-pretend-missing)"), "{summary}");
+        let summary = support
+            .missing_summary()
+            .expect("sk_lookup reported missing");
+        assert!(
+            summary.contains("sk_lookup programs (reported missing by --probe-pretend-missing)"),
+            "{summary}"
+        );
     }
 }

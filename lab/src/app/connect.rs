@@ -33,6 +33,9 @@ pub struct ConnectOptions {
     pub udp: bool,
     /// Timeout for connecting and for each read.
     pub timeout: Duration,
+    /// TCP: bind this local port before connecting (to make two pods use the same
+    /// 4-tuple on purpose).
+    pub source_port: Option<u16>,
 }
 
 /// Progress of an exchange, turned into the report whatever happens.
@@ -77,7 +80,7 @@ type Outcome = Result<String, String>;
 
 fn tcp(options: &ConnectOptions, exchange: &mut Exchange) -> Outcome {
     let addr = options.addr;
-    let stream = TcpStream::connect_timeout(&addr, options.timeout)
+    let stream = tcp_connect(addr, options.source_port, options.timeout)
         .map_err(|e| format!("connect to {addr} failed: {e}"))?;
     exchange.local_addr = stream.local_addr().ok().map(|a| a.to_string());
     stream
@@ -96,6 +99,30 @@ fn tcp(options: &ConnectOptions, exchange: &mut Exchange) -> Outcome {
         }
         AppMode::Sha => sha(&stream, options.bytes, exchange),
     }
+}
+
+/// Connect, first binding `source_port` (on the unspecified address) when given.
+fn tcp_connect(
+    addr: SocketAddr,
+    source_port: Option<u16>,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let Some(port) = source_port else {
+        return TcpStream::connect_timeout(&addr, timeout);
+    };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    let local: SocketAddr = match addr {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, port).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, port).into(),
+    };
+    socket.bind(&local.into())?;
+    socket.connect_timeout(&addr.into(), timeout)?;
+    Ok(socket.into())
 }
 
 /// Read one line byte by byte, so nothing after it is consumed.

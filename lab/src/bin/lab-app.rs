@@ -54,6 +54,9 @@ enum Cmd {
         /// Timeout for connecting and for each read.
         #[arg(long, default_value_t = app::DEFAULT_TIMEOUT.as_secs())]
         timeout_secs: u64,
+        /// TCP: bind this local port before connecting.
+        #[arg(long)]
+        source_port: Option<u16>,
     },
 }
 
@@ -72,6 +75,7 @@ fn main() -> ExitCode {
             bytes,
             udp,
             timeout_secs,
+            source_port,
         } => {
             let default_bytes = if udp {
                 app::DEFAULT_UDP_BYTES
@@ -84,6 +88,7 @@ fn main() -> ExitCode {
                 bytes: bytes.unwrap_or(default_bytes),
                 udp,
                 timeout: Duration::from_secs(timeout_secs),
+                source_port,
             });
             println!("{}", report.to_json());
             if report.ok {

@@ -64,19 +64,23 @@ fn expect_failure(mut cmd: Command, code: i32, needles: &[&str]) -> Result<Strin
 }
 
 fn agent(config: &Path, extra: &[&str]) -> Result<Command> {
-    let mut cmd = Command::new(warren()?);
+    Ok(agent_args(Command::new(warren()?), NODE, config, extra))
+}
+
+/// `cmd` (a warren binary) + `agent --node <node> --bpf-root <BAD_BPF_ROOT> --config <config> <extra…>`.
+fn agent_args(mut cmd: Command, node: &str, config: &Path, extra: &[&str]) -> Command {
     cmd.args([
         "agent",
         "--node",
-        NODE,
+        node,
         "--bpf-root",
         BAD_BPF_ROOT,
         "--config",
     ])
     .arg(config)
-    .args(extra);
-    cmd.env("RUST_LOG", "info");
-    Ok(cmd)
+    .args(extra)
+    .env("RUST_LOG", "info");
+    cmd
 }
 
 /// A config file in a directory anyone may read (for the not-root case).
@@ -158,16 +162,7 @@ fn not_root(_: &Lab) -> Result<()> {
     std::fs::copy(warren()?, &binary)?;
     std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755))?;
     let (_cfg_dir, config) = config_file(EMPTY)?;
-    let mut cmd = Command::new(&binary);
-    cmd.args([
-        "agent",
-        "--node",
-        NODE,
-        "--bpf-root",
-        BAD_BPF_ROOT,
-        "--config",
-    ])
-    .arg(&config);
+    let mut cmd = agent_args(Command::new(&binary), NODE, &config, &[]);
     cmd.uid(65534).gid(65534);
     expect_failure(cmd, 1, &["must run as root"])?;
     Ok(())
@@ -201,25 +196,8 @@ fn iptables_not_yet(_: &Lab) -> Result<()> {
 /// Starting a second agent for n1 fails on the busy ports before touching the kernel,
 /// and n1's agent keeps serving.
 fn second_agent_for_a_node(lab: &Lab) -> Result<()> {
-    let mut cmd = Command::new(warren()?);
-    cmd.args([
-        "agent",
-        "--node",
-        "n1",
-        "--bpf-root",
-        BAD_BPF_ROOT,
-        "--config",
-    ])
-    .arg(lab.config_path());
-    let node_netns = lab.node("n1").netns_path.clone();
-    // SAFETY: setns in the child before exec; only async-signal-safe work.
-    unsafe {
-        cmd.pre_exec(move || {
-            let file = std::fs::File::open(&node_netns)?;
-            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(std::io::Error::from)
-        });
-    }
+    let in_node = lab.command("node/n1", warren()?)?;
+    let cmd = agent_args(in_node, "n1", &lab.config_path(), &[]);
     expect_failure(
         cmd,
         1,

@@ -6,8 +6,10 @@
 pub mod agent;
 pub mod config;
 pub mod control;
+pub mod identity;
 pub mod netns;
 pub mod proxy;
 pub mod redirect;
 pub mod socket;
+pub mod tls;
 pub mod workload;

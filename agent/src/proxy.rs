@@ -6,6 +6,7 @@
 //! | 15006 | [`inbound_passthrough`] | pod netns, `[::]` | TCP to the pod's addresses, steered by sk_lookup |
 //!
 //! Plaintext for now: the mTLS tunnel (15008) comes next, on the same paths.
+pub mod hbone;
 pub mod inbound_passthrough;
 pub mod outbound;
 

@@ -1,0 +1,1 @@
+//! Workload identities (SPIFFE), the local CA, and certificates per service account.

@@ -1,0 +1,1 @@
+//! rustls configurations for the mTLS tunnel: SPIFFE-aware verification both ways.

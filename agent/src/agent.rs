@@ -5,22 +5,32 @@
 //! touched last.
 use std::{path::PathBuf, sync::Arc};
 
-use tokio::io::unix::AsyncFd;
-use warren_common::{INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use tokio::{io::unix::AsyncFd, net::TcpListener};
+use warren_common::{INBOUND_PLAINTEXT_PORT, INBOUND_TUNNEL_PORT, OUTBOUND_PORT};
 
 use crate::{
     config::Config,
     control::local::{LocalConfig, LocalConfigError},
+    identity::{CaError, CertificateAuthority, IdentityError, SecretManager},
     netns::{Netns, NetnsError},
-    proxy::{self, Pod, ProxyContext},
+    proxy::{self, hbone, Pod, ProxyContext},
     redirect::{
         self,
         ebpf::{EbpfRedirect, PodRedirect},
         KernelSupport, Mechanism, RedirectError,
     },
     socket::{listen_in, SocketError},
+    tls,
     workload::WorkloadIndex,
 };
+
+/// An enrolled pod whose listeners are bound but not yet served.
+struct PreparedPod {
+    pod: Pod,
+    outbound: TcpListener,
+    inbound_plaintext: TcpListener,
+    tunnel: TcpListener,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -46,6 +56,23 @@ pub enum AgentError {
     NoCgroup2,
     #[error(transparent)]
     Redirect(#[from] RedirectError),
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error("workload {workload} has no valid identity: {source}")]
+    Identity {
+        workload: String,
+        source: IdentityError,
+    },
+    #[error("cannot get a certificate for {identity}: {source}")]
+    Certificate {
+        identity: String,
+        source: IdentityError,
+    },
+    #[error("cannot set up TLS for {identity}: {source}")]
+    Tls {
+        identity: String,
+        source: tls::TlsError,
+    },
     #[error("cannot read the agent's own network namespace: {0}")]
     Home(NetnsError),
 }
@@ -59,7 +86,12 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let local = LocalConfig::load(&config.config_file)?;
     let workloads = local.enrolled_on(&config.node);
 
-    // Pods first: every enrolled pod's netns must exist and its ports must be free.
+    // Identity: the CA must be usable and every local identity gets its certificate
+    // before any pod is captured (a captured pod without one could not talk).
+    let ca = CertificateAuthority::load(&config.ca_dir)?;
+    let secrets = SecretManager::new(Arc::new(ca), config.cert_lifetime);
+
+    // Pods: every enrolled pod's netns must exist and its ports must be free.
     let mut prepared = Vec::with_capacity(workloads.len());
     for workload in &workloads {
         let id = workload.to_string();
@@ -86,16 +118,42 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             })
         };
         let outbound = listener(OUTBOUND_PORT)?;
-        let inbound = listener(INBOUND_PLAINTEXT_PORT)?;
-        prepared.push((
-            Pod {
-                workload: workload.clone(),
-                netns,
-                netns_cookie,
-            },
+        let inbound_plaintext = listener(INBOUND_PLAINTEXT_PORT)?;
+        let tunnel = listener(INBOUND_TUNNEL_PORT)?;
+        let identity =
+            workload
+                .identity(&config.trust_domain)
+                .map_err(|source| AgentError::Identity {
+                    workload: id.clone(),
+                    source,
+                })?;
+        secrets
+            .fetch(&identity)
+            .await
+            .map_err(|source| AgentError::Certificate {
+                identity: identity.to_string(),
+                source,
+            })?;
+        let tls_server =
+            tls::server_config(secrets.clone(), identity.clone()).map_err(|source| {
+                AgentError::Tls {
+                    identity: identity.to_string(),
+                    source,
+                }
+            })?;
+        let pod = Pod {
+            workload: workload.clone(),
+            identity,
+            netns,
+            netns_cookie,
+            tls_server,
+        };
+        prepared.push(PreparedPod {
+            pod,
             outbound,
-            inbound,
-        ));
+            inbound_plaintext,
+            tunnel,
+        });
     }
 
     // Then the kernel.
@@ -128,11 +186,11 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
 
     let enrolled: Vec<PodRedirect<'_>> = prepared
         .iter()
-        .map(|(pod, _, inbound)| PodRedirect {
-            netns: &pod.netns,
-            netns_cookie: pod.netns_cookie,
-            ips: &pod.workload.ips,
-            inbound_listener: std::os::fd::AsRawFd::as_raw_fd(inbound),
+        .map(|p| PodRedirect {
+            netns: &p.pod.netns,
+            netns_cookie: p.pod.netns_cookie,
+            ips: &p.pod.workload.ips,
+            inbound_listener: std::os::fd::AsRawFd::as_raw_fd(&p.inbound_plaintext),
         })
         .collect();
     for pod in &enrolled {
@@ -144,12 +202,21 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let ctx = Arc::new(ProxyContext {
         workloads: WorkloadIndex::new(local.workloads.iter().cloned()),
         original_dst,
+        trust_domain: config.trust_domain.clone(),
+        secrets,
+        pool: hbone::Pool::new(hbone::PoolConfig::default()),
     });
     let names: Vec<String> = prepared
         .iter()
-        .map(|(pod, _, _)| pod.workload.to_string())
+        .map(|p| p.pod.workload.to_string())
         .collect();
-    for (pod, outbound, inbound) in prepared {
+    for PreparedPod {
+        pod,
+        outbound,
+        inbound_plaintext,
+        tunnel,
+    } in prepared
+    {
         let pod = Arc::new(pod);
         let c = ctx.clone();
         tokio::spawn(proxy::accept_loop(
@@ -160,10 +227,17 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         ));
         let c = ctx.clone();
         tokio::spawn(proxy::accept_loop(
-            inbound,
-            "inbound",
-            pod,
+            inbound_plaintext,
+            "inbound-plaintext",
+            pod.clone(),
             move |s, p, pod| proxy::inbound_passthrough::handle(c.clone(), s, p, pod),
+        ));
+        let c = ctx.clone();
+        tokio::spawn(proxy::accept_loop(
+            tunnel,
+            "inbound-tunnel",
+            pod,
+            move |s, p, pod| proxy::inbound::handle(c.clone(), s, p, pod),
         ));
     }
     tracing::info!(node = %config.node, pods = ?names, mode = "ebpf", "agent ready");

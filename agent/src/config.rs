@@ -1,8 +1,11 @@
 //! Agent configuration: clap flags (each also settable by a `WARREN_*` variable), gathered
 //! into one [`Config`] that tests build directly.
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use crate::redirect::{KernelFeature, RedirectMode};
+
+/// Istio's default trust domain.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
 /// `warren agent` flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -32,6 +35,20 @@ pub struct AgentArgs {
     #[arg(long, env = "WARREN_CGROUP_ROOT", value_name = "DIR")]
     pub cgroup_root: Option<PathBuf>,
 
+    /// SPIFFE trust domain of this mesh's identities.
+    #[arg(long, env = "WARREN_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+
+    /// Directory of the CA that signs this node's workload certificates (Istio's plug-in
+    /// CA layout: root-cert.pem, ca-cert.pem, ca-key.pem, cert-chain.pem). Create one with
+    /// `warren ca init --dir DIR`.
+    #[arg(long, env = "WARREN_CA_DIR", value_name = "DIR")]
+    pub ca_dir: PathBuf,
+
+    /// Lifetime of workload certificates; renewed at half-life (e.g. 24h, 10m, 5s).
+    #[arg(long, env = "WARREN_CERT_LIFETIME", value_parser = humantime::parse_duration, default_value = "24h")]
+    pub cert_lifetime: Duration,
+
     /// Diagnostic switch: report these kernel features as missing, to exercise fallbacks.
     #[arg(long, value_enum, value_delimiter = ',', hide = true)]
     pub probe_pretend_missing: Vec<KernelFeature>,
@@ -48,6 +65,9 @@ pub struct Config {
     /// This node's pin directory: `<bpf-root>/<node>`.
     pub pin_dir: PathBuf,
     pub cgroup_root: Option<PathBuf>,
+    pub trust_domain: String,
+    pub ca_dir: PathBuf,
+    pub cert_lifetime: Duration,
     pub probe_pretend_missing: Vec<KernelFeature>,
 }
 
@@ -60,6 +80,9 @@ impl From<AgentArgs> for Config {
             config_file: args.config,
             redirect: args.redirect,
             cgroup_root: args.cgroup_root,
+            trust_domain: args.trust_domain,
+            ca_dir: args.ca_dir,
+            cert_lifetime: args.cert_lifetime,
             probe_pretend_missing: args.probe_pretend_missing,
         }
     }

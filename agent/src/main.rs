@@ -39,6 +39,22 @@ struct Cli {
 enum Command {
     /// Run the node agent: capture the node's enrolled pods and carry their traffic.
     Agent(warren::config::AgentArgs),
+    /// Manage the certificate authority that signs workload certificates.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Create a new root CA in DIR (Istio's plug-in CA file layout).
+    Init {
+        /// Directory to create the CA in; must not already hold one.
+        #[arg(long, value_name = "DIR")]
+        dir: std::path::PathBuf,
+        /// SPIFFE trust domain the CA signs identities for.
+        #[arg(long, default_value = warren::config::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -49,6 +65,21 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
+        Command::Ca(CaCommand::Init { dir, trust_domain }) => {
+            match warren::identity::CertificateAuthority::init(&dir, &trust_domain) {
+                Ok(()) => {
+                    println!(
+                        "created a CA for trust domain {trust_domain} in {}",
+                        dir.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Agent(args) => {
             // Data path on a small multi-thread runtime, as ztunnel does.
             let runtime = match tokio::runtime::Builder::new_multi_thread()

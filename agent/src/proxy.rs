@@ -4,22 +4,22 @@
 //! |-------|---------------------|----------------|--------------------------------------------|
 //! | 15001 | [`outbound`]        | pod netns, `[::]` | the pod's own outbound TCP, redirected   |
 //! | 15006 | [`inbound_passthrough`] | pod netns, `[::]` | TCP to the pod's addresses, steered by sk_lookup |
-//!
-//! Plaintext for now: the mTLS tunnel (15008) comes next, on the same paths.
+//! | 15008 | [`inbound`]         | pod netns, `[::]` | HBONE (HTTP/2 CONNECT over mTLS) from other agents |
+pub mod access_log;
 pub mod hbone;
+pub mod inbound;
 pub mod inbound_passthrough;
 pub mod outbound;
 
-use std::{
-    net::SocketAddr,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::{TcpListener, TcpStream};
+
+use access_log::ConnectionRecord;
 use warren_common::{INBOUND_PLAINTEXT_PORT, INBOUND_TUNNEL_PORT, OUTBOUND_PORT};
 
 use crate::{
+    identity::{Identity, SecretManager},
     netns::Netns,
     redirect::ebpf::OriginalDstTable,
     workload::{Workload, WorkloadIndex},
@@ -29,13 +29,32 @@ use crate::{
 pub struct ProxyContext {
     pub workloads: WorkloadIndex,
     pub original_dst: OriginalDstTable,
+    pub trust_domain: String,
+    pub secrets: Arc<SecretManager>,
+    /// Outbound HBONE connections, shared by all pods (keyed by source pod).
+    pub pool: hbone::Pool,
 }
 
 /// An enrolled pod as the proxy sees it.
 pub struct Pod {
     pub workload: Arc<Workload>,
+    pub identity: Identity,
     pub netns: Netns,
     pub netns_cookie: u64,
+    /// TLS for the pod's 15008: presents the pod's identity, requires a client certificate.
+    pub tls_server: Arc<rustls::ServerConfig>,
+}
+
+impl Pod {
+    /// The pod's address of the same family as `other`.
+    pub fn ip_like(&self, other: std::net::IpAddr) -> Option<std::net::IpAddr> {
+        let v4 = other.to_canonical().is_ipv4();
+        self.workload
+            .ips
+            .iter()
+            .copied()
+            .find(|ip| ip.is_ipv4() == v4)
+    }
 }
 
 /// The agent's own ports: a connection *to* one of them through a capture path would loop.
@@ -44,76 +63,6 @@ pub fn is_agent_port(port: u16) -> bool {
         port,
         OUTBOUND_PORT | INBOUND_PLAINTEXT_PORT | INBOUND_TUNNEL_PORT
     )
-}
-
-/// Which way a connection crossed this agent.
-#[derive(Debug, Clone, Copy)]
-pub enum Direction {
-    Outbound,
-    Inbound,
-}
-
-impl Direction {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Outbound => "outbound",
-            Self::Inbound => "inbound",
-        }
-    }
-}
-
-/// One access-log record per proxied connection, written when it ends.
-pub struct ConnectionRecord<'a> {
-    pub direction: Direction,
-    pub src: Option<SocketAddr>,
-    pub dst: SocketAddr,
-    pub src_workload: Option<&'a Workload>,
-    pub dst_workload: Option<&'a Workload>,
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
-    pub started: Instant,
-    pub outcome: Result<(), String>,
-}
-
-impl ConnectionRecord<'_> {
-    pub fn emit(&self) {
-        let name =
-            |w: Option<&Workload>| w.map(|w| w.to_string()).unwrap_or_else(|| "-".to_owned());
-        let src = self
-            .src
-            .map(|a| a.to_string())
-            .unwrap_or_else(|| "-".to_owned());
-        let duration_ms = self.started.elapsed().as_millis() as u64;
-        match &self.outcome {
-            Ok(()) => tracing::info!(
-                target: "access",
-                direction = self.direction.as_str(),
-                src = %src,
-                dst = %self.dst,
-                src_workload = %name(self.src_workload),
-                dst_workload = %name(self.dst_workload),
-                bytes_sent = self.bytes_sent,
-                bytes_received = self.bytes_received,
-                duration_ms,
-                outcome = "ok",
-                "connection closed"
-            ),
-            Err(error) => tracing::warn!(
-                target: "access",
-                direction = self.direction.as_str(),
-                src = %src,
-                dst = %self.dst,
-                src_workload = %name(self.src_workload),
-                dst_workload = %name(self.dst_workload),
-                bytes_sent = self.bytes_sent,
-                bytes_received = self.bytes_received,
-                duration_ms,
-                outcome = "error",
-                error = %error,
-                "connection failed"
-            ),
-        }
-    }
 }
 
 /// Accept forever on `listener`, handing each connection to `handle`.
@@ -142,12 +91,16 @@ pub async fn accept_loop<F, Fut>(
 
 /// Copy both ways until both sides are done, keeping half-close: when one side stops
 /// sending, the other side's write half is shut down and the reverse direction goes on.
-pub async fn relay(
-    downstream: &mut TcpStream,
-    upstream: &mut TcpStream,
-) -> (u64, u64, Result<(), String>) {
+pub async fn relay<A, B>(downstream: &mut A, upstream: &mut B, record: &mut ConnectionRecord)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+{
     match tokio::io::copy_bidirectional(downstream, upstream).await {
-        Ok((sent, received)) => (sent, received, Ok(())),
-        Err(err) => (0, 0, Err(err.to_string())),
+        Ok((sent, received)) => {
+            record.bytes_sent = sent;
+            record.bytes_received = received;
+        }
+        Err(err) => record.outcome = Err(err.to_string()),
     }
 }

@@ -2,6 +2,8 @@
 //! now, Kubernetes later).
 use std::{collections::HashMap, fmt, net::IpAddr, path::PathBuf, sync::Arc};
 
+use crate::identity::{Identity, IdentityError};
+
 /// A pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Workload {
@@ -14,6 +16,20 @@ pub struct Workload {
     pub netns: PathBuf,
     /// The pod's cgroup v2 directory, when known.
     pub cgroup: Option<PathBuf>,
+    /// Whether the pod is in the mesh (its namespace is enrolled): connections to it are
+    /// tunnelled, and its node's agent captures its traffic.
+    pub in_mesh: bool,
+}
+
+impl Workload {
+    /// The pod's SPIFFE identity: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+    pub fn identity(&self, trust_domain: &str) -> Result<Identity, IdentityError> {
+        Identity::new(
+            trust_domain,
+            self.namespace.as_str(),
+            self.service_account.as_str(),
+        )
+    }
 }
 
 impl fmt::Display for Workload {

@@ -36,6 +36,8 @@ pub struct Launch<'a> {
     pub config: &'a Path,
     /// `--redirect` mode.
     pub redirect: RedirectMode,
+    /// `--ca-dir`: the lab's CA.
+    pub ca_dir: &'a Path,
     /// Log file, appended to.
     pub log: &'a Path,
 }
@@ -49,12 +51,32 @@ impl Launch<'_> {
             .arg("--config")
             .arg(self.config)
             .args(["--redirect", self.redirect.as_str()])
-            .args(["--bpf-root", BPF_PIN_ROOT]);
+            .args(["--bpf-root", BPF_PIN_ROOT])
+            .arg("--ca-dir")
+            .arg(self.ca_dir);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
         cmd
     }
+}
+
+/// Create the lab's CA with `warren ca init` (the agents sign workload certificates
+/// with it).
+pub fn init_ca(binary: &Path, dir: &Path) -> Result<()> {
+    let out = Command::new(binary)
+        .args(["ca", "init", "--dir"])
+        .arg(dir)
+        .output()
+        .with_context(|| format!("running {} ca init", binary.display()))?;
+    if !out.status.success() {
+        bail!(
+            "`warren ca init --dir {}` failed: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 /// Start the agent and wait until it is ready; returns its pid. If it exits or

@@ -121,6 +121,7 @@ mod tests {
             udp,
             timeout: Duration::from_secs(5),
             source_port: None,
+            marker: None,
         })
     }
 
@@ -178,6 +179,7 @@ mod tests {
             udp: false,
             timeout: Duration::from_millis(300),
             source_port: None,
+            marker: None,
         });
         assert!(
             !report.ok && report.detail.contains("timed out"),

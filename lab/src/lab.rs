@@ -152,6 +152,9 @@ impl Lab {
             dir.write_state(lock, &state)?;
             let lab = Lab::from_state(dir.clone(), state);
             if let LabMode::Agents(_) = mode {
+                if let Some(binary) = &lab.state_or_cached().agent_binary {
+                    agent::init_ca(&binary.path, &dir.ca())?;
+                }
                 if mounts::ensure_bpffs()? {
                     eprintln!("lab: mounted bpffs at {}", mounts::BPFFS);
                 }
@@ -387,6 +390,7 @@ impl Lab {
                 udp: false,
                 timeout: app::DEFAULT_TIMEOUT,
                 source_port: None,
+                marker: None,
             },
         )
     }
@@ -406,6 +410,9 @@ impl Lab {
         }
         if let Some(port) = options.source_port {
             cmd.args(["--source-port", &port.to_string()]);
+        }
+        if let Some(marker) = &options.marker {
+            cmd.args(["--marker", marker]);
         }
         let out = cmd
             .output()
@@ -428,6 +435,24 @@ impl Lab {
         let state = self.state_or_cached();
         let pid = state.agents.get(node)?.pid.map(Pid::from_raw)?;
         process::is_agent(pid, node).then_some(pid.as_raw() as u32)
+    }
+
+    /// Start capturing on the wire between the nodes (bridge `br0` in `wire`) with a
+    /// tcpdump `filter` (e.g. `"tcp"`); stop it with [`Capture::stop`].
+    pub fn capture(&self, filter: &str) -> Result<crate::Capture> {
+        let cmd = self.command("wire", "tcpdump")?;
+        crate::Capture::start(
+            cmd,
+            &self.dir.root().join("captures"),
+            &self.topology.wire.bridge,
+            filter,
+        )
+    }
+
+    /// The lab's CA directory (Istio's plug-in CA layout), which signs the agents'
+    /// workload certificates.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.ca()
     }
 
     /// The agent log of `node` (appended across restarts).
@@ -485,6 +510,7 @@ impl Lab {
             node,
             config: &self.dir.config(),
             redirect,
+            ca_dir: &self.dir.ca(),
             log: &log,
         })?;
         eprintln!(

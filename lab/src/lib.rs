@@ -35,6 +35,7 @@
 
 pub mod agent;
 pub mod app;
+pub mod capture;
 pub mod cargo;
 mod cgroup;
 pub mod config;
@@ -51,6 +52,7 @@ mod teardown;
 pub mod topology;
 
 pub use app::{AppMode, AppServer, ConnectOptions, ConnectReport};
+pub use capture::{Capture, Captured};
 pub use lab::Lab;
 /// Signals for [`Lab::kill_agent`], re-exported so tests need not depend on nix.
 pub use nix::sys::signal::Signal;

@@ -20,6 +20,7 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("tcpdump", "tcpdump"),
     ("bpftool", "bpftool"),
+    ("openssl", "openssl"),
 ];
 
 /// How to get something that is missing.

@@ -46,6 +46,10 @@ impl RuntimeDir {
     pub fn config(&self) -> PathBuf {
         self.root.join("lab.yaml")
     }
+    /// The lab's certificate authority (`warren ca init`), shared by the agents.
+    pub fn ca(&self) -> PathBuf {
+        self.root.join("ca")
+    }
     /// `<node>.log`, the agent's stdout and stderr, appended across restarts.
     pub fn agent_log(&self, node: &str) -> PathBuf {
         self.root.join(format!("{node}.log"))

@@ -115,6 +115,7 @@ fn topology_connects_what_it_should() -> Result<()> {
             udp: true,
             timeout: warren_lab::app::DEFAULT_TIMEOUT,
             source_port: None,
+            marker: None,
         },
     )?;
     ensure!(report.ok, "UDP outside -> demo/peer failed: {report:?}");

@@ -20,6 +20,7 @@ pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
     ("bad_input::config_names_missing_netns", missing_netns),
     ("bad_input::config_names_missing_cgroup", missing_cgroup),
     ("bad_input::not_root", not_root),
+    ("bad_input::ca_dir_without_a_ca", ca_dir_without_a_ca),
     ("bad_input::kernel_without_bpf", kernel_without_bpf),
     (
         "bad_input::iptables_mode_not_yet_supported",
@@ -63,8 +64,10 @@ fn expect_failure(mut cmd: Command, code: i32, needles: &[&str]) -> Result<Strin
     Ok(stderr)
 }
 
-fn agent(config: &Path, extra: &[&str]) -> Result<Command> {
-    Ok(agent_args(Command::new(warren()?), NODE, config, extra))
+fn agent(lab: &Lab, config: &Path, extra: &[&str]) -> Result<Command> {
+    let mut cmd = agent_args(Command::new(warren()?), NODE, config, extra);
+    cmd.arg("--ca-dir").arg(lab.ca_dir());
+    Ok(cmd)
 }
 
 /// `cmd` (a warren binary) + `agent --node <node> --bpf-root <BAD_BPF_ROOT> --config <config> <extra…>`.
@@ -105,26 +108,30 @@ fn workload_yaml(netns: &str, cgroup: Option<&str>) -> String {
 /// A config with no pod on this node: start-up reaches the kernel checks.
 const EMPTY: &str = "meshNamespaces: [demo]\nworkloads: []\n";
 
-fn unknown_flag(_: &Lab) -> Result<()> {
+fn unknown_flag(lab: &Lab) -> Result<()> {
     let (_dir, config) = config_file(EMPTY)?;
-    expect_failure(agent(&config, &["--bogus-flag"])?, 2, &["--bogus-flag"])?;
+    expect_failure(
+        agent(lab, &config, &["--bogus-flag"])?,
+        2,
+        &["--bogus-flag"],
+    )?;
     Ok(())
 }
 
-fn config_with_unknown_field(_: &Lab) -> Result<()> {
+fn config_with_unknown_field(lab: &Lab) -> Result<()> {
     let (_dir, config) = config_file("meshNamespace: [demo]\n")?;
     expect_failure(
-        agent(&config, &[])?,
+        agent(lab, &config, &[])?,
         1,
         &["meshNamespace", &config.display().to_string()],
     )?;
     Ok(())
 }
 
-fn missing_netns(_: &Lab) -> Result<()> {
+fn missing_netns(lab: &Lab) -> Result<()> {
     let (_dir, config) = config_file(&workload_yaml("/run/netns/warren-e2e-no-such-netns", None))?;
     expect_failure(
-        agent(&config, &[])?,
+        agent(lab, &config, &[])?,
         1,
         &[
             "demo/ghost",
@@ -143,7 +150,7 @@ fn missing_cgroup(lab: &Lab) -> Result<()> {
         Some("/sys/fs/cgroup/warren-e2e-no-such-cgroup"),
     ))?;
     expect_failure(
-        agent(&config, &[])?,
+        agent(lab, &config, &[])?,
         1,
         &[
             "demo/ghost",
@@ -162,17 +169,35 @@ fn not_root(_: &Lab) -> Result<()> {
     std::fs::copy(warren()?, &binary)?;
     std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755))?;
     let (_cfg_dir, config) = config_file(EMPTY)?;
-    let mut cmd = agent_args(Command::new(&binary), NODE, &config, &[]);
+    let mut cmd = agent_args(
+        Command::new(&binary),
+        NODE,
+        &config,
+        &["--ca-dir", "/nonexistent"],
+    );
     cmd.uid(65534).gid(65534);
     expect_failure(cmd, 1, &["must run as root"])?;
     Ok(())
 }
 
-fn kernel_without_bpf(_: &Lab) -> Result<()> {
+fn ca_dir_without_a_ca(_: &Lab) -> Result<()> {
+    let (dir, config) = config_file(EMPTY)?;
+    let mut cmd = agent_args(Command::new(warren()?), NODE, &config, &[]);
+    cmd.arg("--ca-dir").arg(dir.path());
+    expect_failure(
+        cmd,
+        1,
+        &[&dir.path().display().to_string(), "warren ca init"],
+    )?;
+    Ok(())
+}
+
+fn kernel_without_bpf(lab: &Lab) -> Result<()> {
     let (_dir, config) = config_file(EMPTY)?;
     for mode in ["ebpf", "auto"] {
         expect_failure(
             agent(
+                lab,
                 &config,
                 &["--redirect", mode, "--probe-pretend-missing", "bpf"],
             )?,
@@ -183,10 +208,10 @@ fn kernel_without_bpf(_: &Lab) -> Result<()> {
     Ok(())
 }
 
-fn iptables_not_yet(_: &Lab) -> Result<()> {
+fn iptables_not_yet(lab: &Lab) -> Result<()> {
     let (_dir, config) = config_file(EMPTY)?;
     expect_failure(
-        agent(&config, &["--redirect", "iptables"])?,
+        agent(lab, &config, &["--redirect", "iptables"])?,
         1,
         &["--redirect iptables", "not yet supported"],
     )?;
@@ -197,7 +222,8 @@ fn iptables_not_yet(_: &Lab) -> Result<()> {
 /// and n1's agent keeps serving.
 fn second_agent_for_a_node(lab: &Lab) -> Result<()> {
     let in_node = lab.command("node/n1", warren()?)?;
-    let cmd = agent_args(in_node, "n1", &lab.config_path(), &[]);
+    let mut cmd = agent_args(in_node, "n1", &lab.config_path(), &[]);
+    cmd.arg("--ca-dir").arg(lab.ca_dir());
     expect_failure(
         cmd,
         1,

@@ -4,7 +4,7 @@ use std::{collections::BTreeSet, path::Path, process::Command};
 use anyhow::{ensure, Context as _, Result};
 use warren_lab::{AppMode, ConnectOptions, Family, Lab, Signal};
 
-use crate::support::{access_line, access_lines_for, ensure_ok};
+use crate::support::{access_record, access_records_for, ensure_ok, field};
 
 pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
     (
@@ -36,16 +36,21 @@ fn legacy_client_is_not_captured(lab: &Lab) -> Result<()> {
         let (n1, n2) = (lab.agent_log_len("n1"), lab.agent_log_len("n2"));
         let report = lab.connect("legacy/client", dst, AppMode::Sha, 1 << 20)?;
         ensure_ok(&report, &format!("legacy/client → {dst}"))?;
-        let inbound = access_line(lab, "n2", n2, "inbound", dst)?;
+        let inbound = access_record(lab, "n2", n2, "inbound", dst)?;
         ensure!(
-            inbound.contains("src_workload=legacy/client"),
-            "inbound line names the wrong source: {inbound}"
+            field(&inbound, "src_workload") == "legacy/client"
+                && field(&inbound, "security") == "none",
+            "inbound record should be plaintext from legacy/client: {inbound}"
         );
-        let n1_lines = access_lines_for(lab, "n1", n1, dst)?;
+        let n1_lines = access_records_for(lab, "n1", n1, dst)?;
         ensure!(
             n1_lines.is_empty(),
             "n1's agent carried legacy/client's connection:\n{}",
-            n1_lines.join("\n")
+            n1_lines
+                .iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join("\n")
         );
     }
     Ok(())
@@ -60,9 +65,9 @@ fn enrolled_pod_to_outside(lab: &Lab) -> Result<()> {
         let offset = lab.agent_log_len("n1");
         let report = lab.connect("demo/client", dst, AppMode::Sha, 4 << 20)?;
         ensure_ok(&report, &format!("demo/client → outside {dst}"))?;
-        let line = access_line(lab, "n1", offset, "outbound", dst)?;
+        let line = access_record(lab, "n1", offset, "outbound", dst)?;
         ensure!(
-            line.contains("dst_workload=-"),
+            line["dst_workload"].is_null() && field(&line, "security") == "none",
             "outside is not a workload: {line}"
         );
         let client_ip = lab.pod("demo/client").ip(family).to_string();
@@ -94,15 +99,20 @@ fn udp_is_untouched(lab: &Lab) -> Result<()> {
                     udp: true,
                     timeout: std::time::Duration::from_secs(5),
                     source_port: None,
+                    marker: None,
                 },
             )?;
             ensure_ok(&report, &format!("UDP to {dst}"))?;
             for (node, offset) in [("n1", n1), ("n2", n2)] {
-                let lines = access_lines_for(lab, node, offset, dst)?;
+                let lines = access_records_for(lab, node, offset, dst)?;
                 ensure!(
                     lines.is_empty(),
                     "{node}'s agent touched UDP to {dst}:\n{}",
-                    lines.join("\n")
+                    lines
+                        .iter()
+                        .map(|r| r.to_string())
+                        .collect::<Vec<_>>()
+                        .join("\n")
                 );
             }
         }
@@ -211,6 +221,7 @@ fn same_loopback_tuple_in_two_pods(lab: &Lab) -> Result<()> {
         udp: false,
         timeout: std::time::Duration::from_secs(30),
         source_port: Some(SOURCE_PORT),
+        marker: None,
     };
 
     let (n1_offset, n2_offset) = (lab.agent_log_len("n1"), lab.agent_log_len("n2"));
@@ -237,19 +248,19 @@ fn same_loopback_tuple_in_two_pods(lab: &Lab) -> Result<()> {
     ensure_ok(&peer?, "demo/peer → outside from the shared source port")?;
 
     // Each connection went where its own pod sent it, as both ends saw it.
-    let to_server_line = access_line(lab, "n1", n1_offset, "outbound", to_server)?;
+    let to_server_line = access_record(lab, "n1", n1_offset, "outbound", to_server)?;
     ensure!(
-        to_server_line.contains("src_workload=demo/client"),
+        field(&to_server_line, "src_workload") == "demo/client",
         "wrong pod reached demo/server: {to_server_line}"
     );
-    let to_outside_line = access_line(lab, "n1", n1_offset, "outbound", to_outside)?;
+    let to_outside_line = access_record(lab, "n1", n1_offset, "outbound", to_outside)?;
     ensure!(
-        to_outside_line.contains("src_workload=demo/peer"),
+        field(&to_outside_line, "src_workload") == "demo/peer",
         "wrong pod reached outside: {to_outside_line}"
     );
-    let inbound = access_line(lab, "n2", n2_offset, "inbound", to_server)?;
+    let inbound = access_record(lab, "n2", n2_offset, "inbound", to_server)?;
     ensure!(
-        inbound.contains("src_workload=demo/client"),
+        field(&inbound, "src_workload") == "demo/client",
         "demo/server was reached by the wrong pod: {inbound}"
     );
     let (client_ip, peer_ip) = (

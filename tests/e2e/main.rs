@@ -7,6 +7,7 @@
 //! pass.
 mod bad_input;
 mod capture;
+mod encryption;
 mod support;
 mod traffic;
 
@@ -19,6 +20,7 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
     let mut all = Vec::new();
     all.extend(traffic::SCENARIOS);
     all.extend(capture::SCENARIOS);
+    all.extend(encryption::SCENARIOS);
     all.extend(bad_input::SCENARIOS);
     all
 }

@@ -5,6 +5,7 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Result};
+use serde_json::Value;
 use warren_lab::{ConnectReport, Lab};
 
 /// How long to wait for an agent to write a connection's access-log line after the
@@ -22,47 +23,58 @@ impl Drop for Teardown {
     }
 }
 
-/// The access-log line of `node`'s agent, written after `offset`, for a connection in
+/// The access-log records (JSON lines) `node`'s agent wrote after `offset`.
+pub fn access_records(lab: &Lab, node: &str, offset: u64) -> Result<Vec<Value>> {
+    Ok(lab
+        .agent_log_since(node, offset)?
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
+/// Access records of `node`'s agent after `offset` for connections to `dst` (no waiting).
+pub fn access_records_for(
+    lab: &Lab,
+    node: &str,
+    offset: u64,
+    dst: SocketAddr,
+) -> Result<Vec<Value>> {
+    let dst = dst.to_string();
+    Ok(access_records(lab, node, offset)?
+        .into_iter()
+        .filter(|r| r["dst_addr"] == dst.as_str())
+        .collect())
+}
+
+/// The access record of `node`'s agent, written after `offset`, for a connection in
 /// `direction` ("outbound"/"inbound") to `dst`. Waits for it to appear.
-pub fn access_line(
+pub fn access_record(
     lab: &Lab,
     node: &str,
     offset: u64,
     direction: &str,
     dst: SocketAddr,
-) -> Result<String> {
-    let direction = format!("direction=\"{direction}\"");
-    let dst = format!("dst={dst} ");
+) -> Result<Value> {
     let deadline = Instant::now() + LOG_WAIT;
     loop {
-        let log = lab.agent_log_since(node, offset)?;
-        if let Some(line) = log
-            .lines()
-            .find(|l| l.contains(" access: ") && l.contains(&direction) && l.contains(&dst))
-        {
-            return Ok(line.to_owned());
+        let records = access_records_for(lab, node, offset, dst)?;
+        if let Some(record) = records.into_iter().find(|r| r["direction"] == direction) {
+            return Ok(record);
         }
         if Instant::now() > deadline {
-            bail!("agent of {node} logged no {direction} access line with {dst}within {LOG_WAIT:?}; it logged:\n{log}");
+            bail!(
+                "agent of {node} logged no {direction} access record for {dst} within {LOG_WAIT:?}; it logged:\n{}",
+                lab.agent_log_since(node, offset)?
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
-/// Access-log lines of `node`'s agent after `offset` that mention `dst` (no waiting).
-pub fn access_lines_for(
-    lab: &Lab,
-    node: &str,
-    offset: u64,
-    dst: SocketAddr,
-) -> Result<Vec<String>> {
-    let needle = format!("dst={dst} ");
-    Ok(lab
-        .agent_log_since(node, offset)?
-        .lines()
-        .filter(|l| l.contains(" access: ") && l.contains(&needle))
-        .map(str::to_owned)
-        .collect())
+/// `record[key]` as a string ("" when absent or not a string).
+pub fn field<'a>(record: &'a Value, key: &str) -> &'a str {
+    record[key].as_str().unwrap_or_default()
 }
 
 pub fn ensure_ok(report: &ConnectReport, what: &str) -> Result<()> {

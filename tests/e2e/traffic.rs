@@ -3,7 +3,7 @@
 use anyhow::{ensure, Result};
 use warren_lab::{AppMode, Family, Lab};
 
-use crate::support::{access_line, ensure_ok};
+use crate::support::{access_record, ensure_ok, field};
 
 pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
     ("traffic::across_nodes_ipv4_64mib", |lab| {
@@ -24,8 +24,9 @@ pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
 
 const BIG: u64 = 64 << 20;
 
-/// 64 MiB from `client` to `server` arrive intact, and both agents logged the connection:
-/// the client's agent outbound, the server's agent inbound, with the same source.
+/// 64 MiB from `client` to `server` arrive intact through the mTLS tunnel, and both
+/// agents logged the connection with the same id: the client's agent outbound as the
+/// client's identity, the server's agent inbound with the identity the handshake proved.
 fn carried(lab: &Lab, client: &str, server: &str, family: Family) -> Result<()> {
     let app = lab.serve(server, 0, AppMode::Sha)?;
     let dst = lab.pod(server).addr(family, app.port());
@@ -43,26 +44,53 @@ fn carried(lab: &Lab, client: &str, server: &str, family: Family) -> Result<()> 
         report.received
     );
 
-    let outbound = access_line(lab, client_node, client_off, "outbound", dst)?;
-    let inbound = access_line(lab, server_node, server_off, "inbound", dst)?;
-    for line in [&outbound, &inbound] {
-        ensure!(line.contains("outcome=\"ok\""), "connection not ok: {line}");
+    let outbound = access_record(lab, client_node, client_off, "outbound", dst)?;
+    let inbound = access_record(lab, server_node, server_off, "inbound", dst)?;
+    let client_identity = identity(lab, client);
+    let server_identity = identity(lab, server);
+    let client_ip = lab.pod(client).ip(family).to_string();
+    for record in [&outbound, &inbound] {
         ensure!(
-            line.contains(&format!("bytes_sent={BIG}")),
-            "byte count wrong: {line}"
+            field(record, "outcome") == "ok",
+            "connection not ok: {record}"
+        );
+        ensure!(record["bytes_sent"] == BIG, "byte count wrong: {record}");
+        ensure!(
+            field(record, "security") == "mutual_tls",
+            "not tunnelled: {record}"
+        );
+        ensure!(
+            field(record, "src_identity") == client_identity,
+            "source identity wrong: {record}"
+        );
+        ensure!(
+            field(record, "dst_identity") == server_identity,
+            "destination identity wrong: {record}"
+        );
+        ensure!(
+            field(record, "src_addr") == client_ip,
+            "source address should be {client_ip}: {record}"
+        );
+        ensure!(
+            field(record, "src_workload") == client,
+            "source workload wrong: {record}"
         );
     }
-    let src = field(&outbound, "src").unwrap_or_default();
-    let client_ip = lab.pod(client).ip(family).to_string();
     ensure!(
-        src.contains(&client_ip),
-        "outbound connection did not leave with the pod's address {client_ip}: {outbound}"
-    );
-    ensure!(
-        field(&inbound, "src") == Some(src),
-        "both ends should log the same source ({src}):\n{outbound}\n{inbound}"
+        outbound["connection_id"] == inbound["connection_id"]
+            && !field(&outbound, "connection_id").is_empty(),
+        "both ends should log the same connection id:\n{outbound}\n{inbound}"
     );
     Ok(())
+}
+
+/// `spiffe://cluster.local/ns/<ns>/sa/<sa>` of a lab pod.
+pub fn identity(lab: &Lab, pod: &str) -> String {
+    let pod = lab.pod(pod);
+    format!(
+        "spiffe://cluster.local/ns/{}/sa/{}",
+        pod.namespace, pod.service_account
+    )
 }
 
 /// The client shuts its write side and still reads the whole echo.
@@ -77,7 +105,7 @@ fn half_close(lab: &Lab) -> Result<()> {
         "echoed {} bytes",
         report.received
     );
-    access_line(lab, "n1", offset, "outbound", dst)?;
+    access_record(lab, "n1", offset, "outbound", dst)?;
     Ok(())
 }
 
@@ -89,13 +117,7 @@ fn server_speaks_first(lab: &Lab) -> Result<()> {
         let offset = lab.agent_log_len("n1");
         let report = lab.connect("demo/client", dst, AppMode::Greet, 4096)?;
         ensure_ok(&report, &format!("greeting from {dst}"))?;
-        access_line(lab, "n1", offset, "outbound", dst)?;
+        access_record(lab, "n1", offset, "outbound", dst)?;
     }
     Ok(())
-}
-
-/// `key=value` from an access-log line.
-fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    let start = line.find(&format!(" {key}="))? + key.len() + 2;
-    line[start..].split_whitespace().next()
 }

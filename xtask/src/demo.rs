@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use warren_lab::{AppMode, Family, Lab, RedirectMode, UpOptions};
+use warren_lab::{AppMode, ConnectOptions, Family, Lab, RedirectMode, UpOptions};
 
 use crate::setup::{self, Scope};
 
@@ -108,6 +108,10 @@ pub fn run(redirect: RedirectMode, agents: bool) -> Result<ExitCode> {
         }
     }
 
+    if agents {
+        failed += wire_proof(&lab)?;
+    }
+
     println!();
     if failed == 0 {
         println!(
@@ -116,12 +120,65 @@ pub fn run(redirect: RedirectMode, agents: bool) -> Result<ExitCode> {
         );
         Ok(ExitCode::SUCCESS)
     } else {
-        println!(
-            "demo FAILED: {failed} of {} connections failed",
-            CASES.len()
-        );
+        println!("demo FAILED: {failed} of {} checks failed", CASES.len() + 2);
         Ok(ExitCode::FAILURE)
     }
+}
+
+/// The operator's proof, with tcpdump on the bridge between the nodes: a marker sent
+/// from an enrolled pod never crosses in clear text and TLS records do; the same marker
+/// from `legacy/client` (not in the mesh) is visible — the control that shows the
+/// capture would have seen it. Returns the number of failed checks.
+fn wire_proof(lab: &Lab) -> Result<usize> {
+    println!(
+        "\n== on the wire: tcpdump on {} in netns {} ==",
+        lab.topology().wire.bridge,
+        lab.topology().wire.netns_name
+    );
+    let addr = lab.pod("demo/server").addr(Family::V4, PORT);
+    let mut failed = 0;
+    for (from, in_mesh) in [("demo/client", true), ("legacy/client", false)] {
+        let marker = format!("WARREN-DEMO-MARKER-FROM-{from}");
+        let capture = lab.capture("tcp")?;
+        let report = lab.connect_with(
+            from,
+            &ConnectOptions {
+                addr,
+                mode: AppMode::Sha,
+                bytes: 64 * 1024,
+                udp: false,
+                timeout: warren_lab::app::DEFAULT_TIMEOUT,
+                source_port: None,
+                marker: Some(marker.clone()),
+            },
+        )?;
+        let captured = capture.stop()?;
+        let clear = captured.contains(marker.as_bytes());
+        let tls = captured.tls_records()?;
+        let ok = report.ok && if in_mesh { !clear && tls > 0 } else { clear };
+        println!(
+            "{} {from} -> demo/server {addr}: marker {:?} {} on the wire; {tls} packets of TLS application data on port 15008",
+            if ok { "PASS" } else { "FAIL" },
+            marker,
+            if clear { "seen in clear text" } else { "not seen" },
+        );
+        println!(
+            "     {}",
+            if in_mesh {
+                "expected: encrypted (demo is in the mesh)"
+            } else {
+                "expected: clear text (legacy is not in the mesh; this is the control that proves the capture works)"
+            }
+        );
+        if !report.ok {
+            println!("     the connection itself failed: {}", report.detail);
+        }
+        if !ok {
+            failed += 1;
+        }
+    }
+    println!("     try it yourself: cargo xtask lab up; cargo xtask lab exec wire -- tcpdump -ni br0 -A tcp");
+    Ok(failed)
 }
 
 /// The agent log lines, written since `offsets`, that name the destination.

@@ -94,6 +94,7 @@ impl LocalConfig {
         };
         let mut names = HashSet::new();
         let mut owners: HashMap<IpAddr, String> = HashMap::new();
+        let mesh_namespaces: HashSet<String> = file.mesh_namespaces.into_iter().collect();
         let mut workloads = Vec::with_capacity(file.workloads.len());
         for spec in file.workloads {
             let id = format!("{}/{}", spec.namespace, spec.name);
@@ -117,6 +118,7 @@ impl LocalConfig {
                 }
             }
             workloads.push(Arc::new(Workload {
+                in_mesh: mesh_namespaces.contains(&spec.namespace),
                 namespace: spec.namespace,
                 name: spec.name,
                 service_account: spec.service_account,
@@ -127,20 +129,16 @@ impl LocalConfig {
             }));
         }
         Ok(Self {
-            mesh_namespaces: file.mesh_namespaces.into_iter().collect(),
+            mesh_namespaces,
             workloads,
         })
-    }
-
-    pub fn is_enrolled(&self, workload: &Workload) -> bool {
-        self.mesh_namespaces.contains(&workload.namespace)
     }
 
     /// Workloads on `node` whose namespace is in the mesh: the pods this agent captures.
     pub fn enrolled_on(&self, node: &str) -> Vec<Arc<Workload>> {
         self.workloads
             .iter()
-            .filter(|w| w.node == node && self.is_enrolled(w))
+            .filter(|w| w.node == node && w.in_mesh)
             .cloned()
             .collect()
     }

@@ -1,10 +1,13 @@
 //! 15006: plain TCP to a pod's address, steered here by sk_lookup, is delivered to the app
 //! at the address the client dialled. (PERMISSIVE; STRICT will refuse it.)
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpStream;
 
-use super::{is_agent_port, relay, ConnectionRecord, Direction, Pod, ProxyContext};
+use super::{
+    access_log::{new_connection_id, ConnectionRecord, Direction},
+    is_agent_port, relay, Pod, ProxyContext,
+};
 use crate::socket::connect_from;
 
 pub async fn handle(
@@ -13,7 +16,6 @@ pub async fn handle(
     peer: SocketAddr,
     pod: Arc<Pod>,
 ) {
-    let started = Instant::now();
     let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     let dst = match downstream.local_addr() {
         Ok(local) => SocketAddr::new(local.ip().to_canonical(), local.port()),
@@ -22,18 +24,11 @@ pub async fn handle(
             return;
         }
     };
-    let src_workload = ctx.workloads.by_ip(peer.ip()).cloned();
-    let mut record = ConnectionRecord {
-        direction: Direction::Inbound,
-        src: Some(peer),
-        dst,
-        src_workload: src_workload.as_deref(),
-        dst_workload: Some(&pod.workload),
-        bytes_sent: 0,
-        bytes_received: 0,
-        started,
-        outcome: Ok(()),
-    };
+    let mut record = ConnectionRecord::new(new_connection_id(), Direction::Inbound, dst);
+    record.src_addr = Some(peer.to_string());
+    record.src_workload = ctx.workloads.by_ip(peer.ip()).map(|w| w.to_string());
+    record.dst_workload = Some(pod.workload.to_string());
+    record.dst_identity = Some(pod.identity.to_string());
     if is_agent_port(dst.port()) {
         record.outcome = Err(format!(
             "refused: {dst} is one of the agent's own ports (loop)"
@@ -42,17 +37,9 @@ pub async fn handle(
         return;
     }
     // The pod dialling its own address is not captured again (sk_lookup skips it).
-    let mut upstream = match connect_from(&pod.netns, dst).await {
-        Ok(upstream) => upstream,
-        Err(err) => {
-            record.outcome = Err(err.to_string());
-            record.emit();
-            return;
-        }
-    };
-    let (sent, received, outcome) = relay(&mut downstream, &mut upstream).await;
-    record.bytes_sent = sent;
-    record.bytes_received = received;
-    record.outcome = outcome;
+    match connect_from(&pod.netns, dst).await {
+        Ok(mut upstream) => relay(&mut downstream, &mut upstream, &mut record).await,
+        Err(err) => record.outcome = Err(err.to_string()),
+    }
     record.emit();
 }

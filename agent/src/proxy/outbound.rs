@@ -1,11 +1,30 @@
 //! 15001: a pod's outbound connection, redirected by the kernel, is sent on to where it
-//! was going — from the pod's netns, with the pod's address.
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+//! was going. To a workload in the mesh it goes through an HBONE tunnel (mTLS to the
+//! destination pod's 15008, as the source pod's identity, checking the destination's
+//! identity); anywhere else it is passed through as it is. Either way it leaves from the
+//! pod's netns, with the pod's address.
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
+use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use warren_common::INBOUND_TUNNEL_PORT;
 
-use super::{is_agent_port, relay, ConnectionRecord, Direction, Pod, ProxyContext};
-use crate::socket::connect_from;
+use super::{
+    access_log::{new_connection_id, ConnectionRecord, Direction, Security},
+    hbone::{ConnectRequest, PoolKey},
+    is_agent_port, relay, Pod, ProxyContext,
+};
+use crate::{socket::connect_from, tls, workload::Workload};
+
+/// A tunnel handshake (TCP + TLS) that takes longer than this is given up.
+const TUNNEL_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Opening a tunnelled stream (dial if needed, CONNECT, the peer reaching the app).
+const TUNNEL_OPEN_TIMEOUT: Duration = Duration::from_secs(25);
 
 pub async fn handle(
     ctx: Arc<ProxyContext>,
@@ -13,42 +32,129 @@ pub async fn handle(
     peer: SocketAddr,
     pod: Arc<Pod>,
 ) {
-    let started = Instant::now();
     let Some(dst) = ctx.original_dst.take(pod.netns_cookie, peer) else {
         tracing::warn!(pod = %pod.workload, %peer, "no original destination recorded for this connection (was it made to port 15001 directly?); closing it");
         return;
     };
     let dst_workload = ctx.workloads.by_ip(dst.ip()).cloned();
-    let mut record = ConnectionRecord {
-        direction: Direction::Outbound,
-        src: None,
-        dst,
-        src_workload: Some(&pod.workload),
-        dst_workload: dst_workload.as_deref(),
-        bytes_sent: 0,
-        bytes_received: 0,
-        started,
-        outcome: Ok(()),
-    };
+    let mut record = ConnectionRecord::new(new_connection_id(), Direction::Outbound, dst);
+    record.src_workload = Some(pod.workload.to_string());
+    record.src_identity = Some(pod.identity.to_string());
+    record.dst_workload = dst_workload.as_ref().map(|w| w.to_string());
+
     if is_agent_port(dst.port()) && pod.workload.ips.contains(&dst.ip().to_canonical()) {
         record.outcome = Err(format!(
             "refused: {dst} is the agent's own port in this pod (loop)"
         ));
-        record.emit();
-        return;
+    } else {
+        match dst_workload.filter(|w| w.in_mesh) {
+            Some(workload) => {
+                tunnel(&ctx, &pod, &workload, dst, &mut downstream, &mut record).await
+            }
+            None => passthrough(&pod, dst, &mut downstream, &mut record).await,
+        }
     }
+    record.emit();
+}
+
+/// Not in the mesh: connect directly, from the pod's netns.
+async fn passthrough(
+    pod: &Pod,
+    dst: SocketAddr,
+    downstream: &mut TcpStream,
+    record: &mut ConnectionRecord,
+) {
     let mut upstream = match connect_from(&pod.netns, dst).await {
         Ok(upstream) => upstream,
         Err(err) => {
             record.outcome = Err(err.to_string());
-            record.emit();
             return;
         }
     };
-    record.src = upstream.local_addr().ok();
-    let (sent, received, outcome) = relay(&mut downstream, &mut upstream).await;
-    record.bytes_sent = sent;
-    record.bytes_received = received;
-    record.outcome = outcome;
-    record.emit();
+    record.src_addr = upstream.local_addr().ok().map(|a| a.to_string());
+    relay(downstream, &mut upstream, record).await;
+}
+
+/// In the mesh: a CONNECT stream over a pooled mTLS connection to the destination pod.
+async fn tunnel(
+    ctx: &ProxyContext,
+    pod: &Pod,
+    dst_workload: &Workload,
+    dst: SocketAddr,
+    downstream: &mut TcpStream,
+    record: &mut ConnectionRecord,
+) {
+    let expected = match dst_workload.identity(&ctx.trust_domain) {
+        Ok(identity) => identity,
+        Err(err) => {
+            record.outcome = Err(format!("no identity for {dst_workload}: {err}"));
+            return;
+        }
+    };
+    record.security = Security::MutualTls;
+    record.dst_identity = Some(expected.to_string());
+    let Some(src_ip) = pod.ip_like(dst.ip()) else {
+        record.outcome = Err(format!(
+            "{} has no address of the family of {dst}",
+            pod.workload
+        ));
+        return;
+    };
+    record.src_addr = Some(src_ip.to_string());
+    let request = ConnectRequest {
+        authority: dst,
+        connection_id: record.connection_id.clone(),
+        forwarded_for: src_ip,
+    };
+    // One pool entry per (source pod address and identity, destination identity and
+    // address): a pooled connection always leaves from the pod that dialled it.
+    let key = PoolKey {
+        source: format!("{}@{src_ip}", pod.identity),
+        destination: expected.to_string(),
+        dst_ip: dst.ip(),
+    };
+    let tunnel_addr = SocketAddr::new(dst.ip(), INBOUND_TUNNEL_PORT);
+    let dial = || async {
+        let config =
+            tls::client_config(ctx.secrets.clone(), pod.identity.clone(), expected.clone())
+                .map_err(|err| err.to_string())?;
+        tokio::time::timeout(TUNNEL_HANDSHAKE_TIMEOUT, async {
+            let tcp = connect_from(&pod.netns, tunnel_addr)
+                .await
+                .map_err(|err| err.to_string())?;
+            TlsConnector::from(config)
+                .connect(server_name(dst.ip()), tcp)
+                .await
+                .map_err(|err| {
+                    format!(
+                        "TLS handshake with {tunnel_addr} failed: {}",
+                        tls::describe_handshake_error(&err)
+                    )
+                })
+        })
+        .await
+        .map_err(|_| {
+            format!(
+                "tunnel handshake with {tunnel_addr} timed out after {TUNNEL_HANDSHAKE_TIMEOUT:?}"
+            )
+        })?
+    };
+    // The destination agent answers once it has reached the app (its own dial is bounded
+    // by the same connect timeout), so the whole exchange is bounded too.
+    let open = tokio::time::timeout(TUNNEL_OPEN_TIMEOUT, ctx.pool.connect(key, &request, dial));
+    match open.await {
+        Ok(Ok(mut stream)) => relay(downstream, &mut stream, record).await,
+        Ok(Err(err)) => record.outcome = Err(err.to_string()),
+        Err(_) => {
+            record.outcome = Err(format!(
+                "no answer from {tunnel_addr} within {TUNNEL_OPEN_TIMEOUT:?}"
+            ))
+        }
+    }
+}
+
+/// Peers never check the name (identity is checked on the SPIFFE ID instead), and send
+/// no SNI for an address; the destination's address is the natural placeholder.
+fn server_name(ip: IpAddr) -> ServerName<'static> {
+    ServerName::IpAddress(ip.into())
 }

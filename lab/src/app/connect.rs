@@ -21,7 +21,7 @@ const MAX_UDP_BYTES: u64 = 65_507;
 const CHUNK: usize = 64 * 1024;
 
 /// Options of `lab-app connect`.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ConnectOptions {
     /// Server address.
     pub addr: SocketAddr,
@@ -36,6 +36,9 @@ pub struct ConnectOptions {
     /// TCP: bind this local port before connecting (to make two pods use the same
     /// 4-tuple on purpose).
     pub source_port: Option<u16>,
+    /// Send this text repeated instead of pseudo-random bytes (to look for it on the
+    /// wire).
+    pub marker: Option<String>,
 }
 
 /// Progress of an exchange, turned into the report whatever happens.
@@ -87,17 +90,19 @@ fn tcp(options: &ConnectOptions, exchange: &mut Exchange) -> Outcome {
         .set_read_timeout(Some(options.timeout))
         .and_then(|()| stream.set_write_timeout(Some(options.timeout)))
         .map_err(|e| format!("setting socket timeouts: {e}"))?;
+    let payload = Payload::marker(options.marker.as_deref());
     match options.mode {
-        AppMode::Echo => echo(&stream, options.bytes, exchange),
+        AppMode::Echo => echo(&stream, options.bytes, exchange, payload),
         AppMode::Greet => {
             let greeting = read_line(&stream)
                 .map_err(|e| format!("reading the greeting: {}", io_detail(&e)))?;
             if greeting != GREETING {
                 return Err(format!("expected greeting {GREETING:?}, got {greeting:?}"));
             }
-            echo(&stream, options.bytes, exchange).map(|d| format!("greeting received; {d}"))
+            echo(&stream, options.bytes, exchange, payload)
+                .map(|d| format!("greeting received; {d}"))
         }
-        AppMode::Sha => sha(&stream, options.bytes, exchange),
+        AppMode::Sha => sha(&stream, options.bytes, exchange, payload),
     }
 }
 
@@ -144,12 +149,12 @@ fn read_line(mut stream: &TcpStream) -> io::Result<String> {
 /// Send the payload, half-close, and check that exactly the payload comes back.
 /// Sending happens on its own thread so that a full receive buffer on our side can
 /// never stall the server's writes and, through them, our own.
-fn echo(stream: &TcpStream, bytes: u64, exchange: &mut Exchange) -> Outcome {
+fn echo(stream: &TcpStream, bytes: u64, exchange: &mut Exchange, payload: Payload) -> Outcome {
     let writer = stream
         .try_clone()
         .map_err(|e| format!("cloning the socket: {e}"))?;
-    let sender = thread::spawn(move || send_payload(&writer, bytes, None));
-    let mut expected = Payload::default();
+    let mut expected = payload.clone();
+    let sender = thread::spawn(move || send_payload(&writer, bytes, None, payload));
     let mut mismatch: Option<u64> = None;
     let mut buf = vec![0u8; CHUNK];
     let mut reader = stream;
@@ -209,8 +214,8 @@ fn send_payload(
     mut stream: &TcpStream,
     bytes: u64,
     mut hasher: Option<&mut Sha256>,
+    mut payload: Payload,
 ) -> Result<u64, (u64, io::Error)> {
-    let mut payload = Payload::default();
     let mut buf = vec![0u8; CHUNK];
     let mut sent: u64 = 0;
     while sent < bytes {
@@ -226,10 +231,10 @@ fn send_payload(
     Ok(sent)
 }
 
-fn sha(stream: &TcpStream, bytes: u64, exchange: &mut Exchange) -> Outcome {
+fn sha(stream: &TcpStream, bytes: u64, exchange: &mut Exchange, payload: Payload) -> Outcome {
     // The server reads everything before it answers, so one thread suffices.
     let mut hasher = Sha256::new();
-    let sent = send_payload(stream, bytes, Some(&mut hasher));
+    let sent = send_payload(stream, bytes, Some(&mut hasher), payload);
     exchange.sent = match &sent {
         Ok(n) | Err((n, _)) => *n,
     };

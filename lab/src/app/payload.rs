@@ -2,13 +2,14 @@
 //! can regenerate and compare them without storing a copy, and so that a proxy that
 //! corrupts, reorders or drops bytes cannot go unnoticed (unlike with zeros).
 
-/// An endless deterministic byte stream (splitmix64). The bytes do not depend on
-/// how the stream is cut into chunks.
+/// An endless deterministic byte stream (splitmix64), or a marker text repeated (to look
+/// for on the wire). The bytes do not depend on how the stream is cut into chunks.
 #[derive(Clone, Debug)]
 pub struct Payload {
     state: u64,
     word: [u8; 8],
     used: usize,
+    marker: Option<(Vec<u8>, usize)>,
 }
 
 impl Default for Payload {
@@ -24,7 +25,17 @@ impl Payload {
             state: seed,
             word: [0; 8],
             used: 8,
+            marker: None,
         }
+    }
+
+    /// `marker` repeated without end (the pseudo-random stream when it is empty or absent).
+    pub fn marker(marker: Option<&str>) -> Payload {
+        let mut payload = Payload::default();
+        payload.marker = marker
+            .filter(|m| !m.is_empty())
+            .map(|m| (m.as_bytes().to_vec(), 0));
+        payload
     }
 
     fn next_word(&mut self) -> [u8; 8] {
@@ -37,6 +48,13 @@ impl Payload {
 
     /// Fill `out` with the next bytes of the stream.
     pub fn fill(&mut self, out: &mut [u8]) {
+        if let Some((marker, at)) = &mut self.marker {
+            for byte in out {
+                *byte = marker[*at];
+                *at = (*at + 1) % marker.len();
+            }
+            return;
+        }
         for byte in out {
             if self.used == 8 {
                 self.word = self.next_word();
@@ -58,6 +76,16 @@ impl Payload {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn marker_repeats_across_chunks() {
+        let mut payload = super::Payload::marker(Some("abc"));
+        let (mut a, mut b) = ([0u8; 4], [0u8; 4]);
+        payload.fill(&mut a);
+        payload.fill(&mut b);
+        assert_eq!(&a, b"abca");
+        assert_eq!(&b, b"bcab");
+    }
+
     use super::*;
 
     #[test]

@@ -57,6 +57,9 @@ enum Cmd {
         /// TCP: bind this local port before connecting.
         #[arg(long)]
         source_port: Option<u16>,
+        /// Send this text repeated instead of pseudo-random bytes (to find it on the wire).
+        #[arg(long)]
+        marker: Option<String>,
     },
 }
 
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
             udp,
             timeout_secs,
             source_port,
+            marker,
         } => {
             let default_bytes = if udp {
                 app::DEFAULT_UDP_BYTES
@@ -89,6 +93,7 @@ fn main() -> ExitCode {
                 udp,
                 timeout: Duration::from_secs(timeout_secs),
                 source_port,
+                marker,
             });
             println!("{}", report.to_json());
             if report.ok {

@@ -1,0 +1,114 @@
+//! 15008: HBONE tunnels from other agents. The client's certificate chain is verified
+//! against the trust bundle during the TLS handshake; its SPIFFE ID is the peer identity
+//! of every stream on the connection. Each CONNECT stream names an address of this pod;
+//! the agent connects to the app there, from inside the pod's netns.
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use http::StatusCode;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+
+use super::{
+    access_log::{new_connection_id, ConnectionRecord, Direction, Security},
+    hbone::{self, InboundRequest},
+    is_agent_port, relay, Pod, ProxyContext,
+};
+use crate::{identity::Identity, socket::connect_from, tls};
+
+/// A peer that has not finished the TLS handshake by then is dropped (slowloris).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr, pod: Arc<Pod>) {
+    let acceptor = TlsAcceptor::from(pod.tls_server.clone());
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Err(_) => {
+            tracing::warn!(pod = %pod.workload, %peer, "tunnel refused: no TLS handshake within {HANDSHAKE_TIMEOUT:?}");
+            return;
+        }
+        Ok(Err(err)) => {
+            tracing::warn!(pod = %pod.workload, %peer, reason = %tls::describe_handshake_error(&err), "tunnel refused: TLS handshake failed");
+            return;
+        }
+        Ok(Ok(tls)) => tls,
+    };
+    let peer_identity = match tls::peer_identity(tls.get_ref().1) {
+        Ok(identity) => identity,
+        Err(err) => {
+            tracing::warn!(pod = %pod.workload, %peer, reason = %err, "tunnel refused: no usable peer identity");
+            return;
+        }
+    };
+    let streams = {
+        let (ctx, pod, peer_identity) = (ctx.clone(), pod.clone(), peer_identity.clone());
+        move |request| {
+            stream(
+                ctx.clone(),
+                pod.clone(),
+                peer_identity.clone(),
+                peer,
+                request,
+            )
+        }
+    };
+    if let Err(err) = hbone::serve(tls, streams).await {
+        tracing::warn!(pod = %pod.workload, %peer, identity = %peer_identity, error = %err, "tunnel connection ended with an error");
+    }
+}
+
+/// One CONNECT stream: deliver it to the app, or refuse it with a reason.
+async fn stream(
+    ctx: Arc<ProxyContext>,
+    pod: Arc<Pod>,
+    peer_identity: Identity,
+    peer: SocketAddr,
+    request: InboundRequest,
+) {
+    let dst = request.authority();
+    let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
+    let id = request
+        .connection_id()
+        .map(str::to_owned)
+        .unwrap_or_else(new_connection_id);
+    let mut record = ConnectionRecord::new(id, Direction::Inbound, dst);
+    record.security = Security::MutualTls;
+    let src_ip = request.forwarded_for().unwrap_or(peer.ip()).to_canonical();
+    record.src_addr = Some(src_ip.to_string());
+    record.src_workload = ctx.workloads.by_ip(src_ip).map(|w| w.to_string());
+    record.src_identity = Some(peer_identity.to_string());
+    record.dst_workload = Some(pod.workload.to_string());
+    record.dst_identity = Some(pod.identity.to_string());
+
+    let refusal = if !pod.workload.ips.contains(&dst.ip()) {
+        Some((
+            StatusCode::NOT_FOUND,
+            format!("{dst} is not an address of {} on this node", pod.workload),
+        ))
+    } else if is_agent_port(dst.port()) {
+        Some((
+            StatusCode::FORBIDDEN,
+            format!("{dst} is one of the agent's own ports"),
+        ))
+    } else {
+        None
+    };
+    if let Some((status, reason)) = refusal {
+        request.refuse(status, &reason);
+        record.outcome = Err(format!("refused ({status}): {reason}"));
+        record.emit();
+        return;
+    }
+    let mut upstream = match connect_from(&pod.netns, dst).await {
+        Ok(upstream) => upstream,
+        Err(err) => {
+            request.refuse(StatusCode::SERVICE_UNAVAILABLE, &err.to_string());
+            record.outcome = Err(err.to_string());
+            record.emit();
+            return;
+        }
+    };
+    match request.accept() {
+        Ok(mut tunnel) => relay(&mut tunnel, &mut upstream, &mut record).await,
+        Err(err) => record.outcome = Err(err.to_string()),
+    }
+    record.emit();
+}

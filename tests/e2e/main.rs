@@ -10,6 +10,8 @@ mod capture;
 mod encryption;
 mod support;
 mod traffic;
+mod tunnel;
+mod tunnel_refusals;
 
 use libtest_mimic::{Arguments, Failed, Trial};
 use warren_lab::{Lab, RedirectMode, UpOptions};
@@ -21,6 +23,8 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
     all.extend(traffic::SCENARIOS);
     all.extend(capture::SCENARIOS);
     all.extend(encryption::SCENARIOS);
+    all.extend(tunnel::SCENARIOS);
+    all.extend(tunnel_refusals::SCENARIOS);
     all.extend(bad_input::SCENARIOS);
     all
 }

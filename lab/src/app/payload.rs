@@ -31,11 +31,12 @@ impl Payload {
 
     /// `marker` repeated without end (the pseudo-random stream when it is empty or absent).
     pub fn marker(marker: Option<&str>) -> Payload {
-        let mut payload = Payload::default();
-        payload.marker = marker
-            .filter(|m| !m.is_empty())
-            .map(|m| (m.as_bytes().to_vec(), 0));
-        payload
+        Payload {
+            marker: marker
+                .filter(|m| !m.is_empty())
+                .map(|m| (m.as_bytes().to_vec(), 0)),
+            ..Payload::default()
+        }
     }
 
     fn next_word(&mut self) -> [u8; 8] {

@@ -78,6 +78,8 @@ pub async fn accept_loop<F, Fut>(
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                // Listeners are dual-stack: show IPv4 peers as IPv4, not ::ffff:a.b.c.d.
+                let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
                 tokio::spawn(handle(stream, peer, pod.clone()));
             }
             Err(err) => {

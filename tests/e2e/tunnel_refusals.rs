@@ -1,7 +1,262 @@
-//! Bad peers on the tunnel port 15008.
-use warren_lab::Lab;
+//! Bad peers on the tunnel port 15008: each is refused within a bounded time with a log
+//! line that says why, and the agent keeps serving everyone else. The bad peer sits in
+//! `outside` (not captured), dialling `demo/server`'s 15008 directly; the TLS clients are
+//! real ones (`openssl s_client`) with certificates made by `openssl`.
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
 
-pub const SCENARIOS: &[(&str, crate::Scenario)] = &[];
+use anyhow::{bail, ensure, Context as _, Result};
+use warren_lab::{AppMode, Family, Lab};
 
-#[allow(dead_code)]
-fn unused(_: &Lab) {}
+use crate::support::ensure_ok;
+
+pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
+    ("tunnel_refusals::random_bytes", |lab| {
+        raw_peer(lab, b"\x8f\x00\x13garbage\xff\xfe not tls at all\r\n")
+    }),
+    ("tunnel_refusals::plain_http_request", |lab| {
+        raw_peer(lab, b"GET / HTTP/1.1\r\nHost: demo\r\n\r\n")
+    }),
+    // A TLS handshake record whose ClientHello claims 0xffff bytes and carries 4.
+    ("tunnel_refusals::malformed_client_hello", |lab| {
+        raw_peer(lab, b"\x16\x03\x01\x00\x08\x01\x00\xff\xff\x03\x03\x00\x00")
+    }),
+    (
+        "tunnel_refusals::stalled_handshake_is_cut_off",
+        stalled_handshake,
+    ),
+    (
+        "tunnel_refusals::client_certificate_from_another_ca",
+        other_ca,
+    ),
+    (
+        "tunnel_refusals::expired_client_certificate",
+        expired_certificate,
+    ),
+];
+
+/// How long a refused peer may wait for the agent to close: the agent's TLS handshake
+/// timeout is 10 s; the margin is for a loaded machine.
+const CLOSE_DEADLINE: Duration = Duration::from_secs(30);
+
+fn tunnel_addr(lab: &Lab) -> SocketAddr {
+    lab.pod("demo/server").addr(Family::V4, 15008)
+}
+
+/// Send `bytes` to 15008 and expect the agent to close the connection, log the refusal,
+/// and go on serving.
+fn raw_peer(lab: &Lab, bytes: &'static [u8]) -> Result<()> {
+    let offset = lab.agent_log_len("n2");
+    let addr = tunnel_addr(lab);
+    let local = lab.run_in("outside", move || -> Result<SocketAddr> {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        stream.write_all(bytes)?;
+        wait_for_close(&mut stream)?;
+        Ok(stream.local_addr()?)
+    })??;
+    refusal_logged(lab, offset, &[&format!("peer={local}"), "tunnel refused"])?;
+    still_serving(lab)
+}
+
+/// Half a ClientHello, then silence (slowloris): cut off by the handshake timeout.
+fn stalled_handshake(lab: &Lab) -> Result<()> {
+    let offset = lab.agent_log_len("n2");
+    let addr = tunnel_addr(lab);
+    let local = lab.run_in("outside", move || -> Result<SocketAddr> {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        stream.write_all(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")?;
+        wait_for_close(&mut stream)?;
+        Ok(stream.local_addr()?)
+    })??;
+    refusal_logged(
+        lab,
+        offset,
+        &[&format!("peer={local}"), "no TLS handshake within"],
+    )?;
+    still_serving(lab)
+}
+
+/// A certificate with the right SPIFFE ID, signed by a CA the mesh does not trust.
+fn other_ca(lab: &Lab) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let rogue_ca = dir.path().join("rogue-ca");
+    let out = Command::new(warren_lab::cargo::build_bin("warren", "warren")?)
+        .args(["ca", "init", "--dir"])
+        .arg(&rogue_ca)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "warren ca init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (cert, key) = client_certificate(dir.path(), &rogue_ca, 1)?;
+    tls_peer_refused(lab, &cert, &key, "certificate signed by an unknown CA")
+}
+
+/// A certificate from the mesh's own CA, for the right identity, but expired.
+fn expired_certificate(lab: &Lab) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // `-days 0`: notAfter = notBefore = now, so it is expired a second later.
+    let (cert, key) = client_certificate(dir.path(), &lab.ca_dir(), 0)?;
+    std::thread::sleep(Duration::from_millis(1500));
+    tls_peer_refused(lab, &cert, &key, "certificate expired at")
+}
+
+/// `openssl s_client` from `outside` presenting `cert`; the n2 agent must refuse the
+/// handshake and log `reason`.
+fn tls_peer_refused(lab: &Lab, cert: &Path, key: &Path, reason: &str) -> Result<()> {
+    let offset = lab.agent_log_len("n2");
+    let out = lab
+        .command("outside", "openssl")?
+        .args([
+            "s_client",
+            "-connect",
+            &tunnel_addr(lab).to_string(),
+            "-tls1_3",
+            "-alpn",
+            "h2",
+            "-cert",
+        ])
+        .arg(cert)
+        .arg("-key")
+        .arg(key)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("running openssl s_client")?;
+    let printed = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        printed.contains("sa/server") || printed.contains("Server certificate"),
+        "openssl s_client did not reach the agent's TLS server:\n{printed}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    refusal_logged(lab, offset, &["tunnel refused", reason])?;
+    still_serving(lab)
+}
+
+/// Key and certificate for `spiffe://cluster.local/ns/demo/sa/client`, signed by the CA
+/// in `ca` (Istio's layout) for `days` days, made with the openssl command line.
+fn client_certificate(
+    dir: &Path,
+    ca: &Path,
+    days: u32,
+) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let (key, csr, cert, ext) = (
+        dir.join("key.pem"),
+        dir.join("req.csr"),
+        dir.join("cert.pem"),
+        dir.join("ext.cnf"),
+    );
+    std::fs::write(
+        &ext,
+        "subjectAltName=URI:spiffe://cluster.local/ns/demo/sa/client\nextendedKeyUsage=clientAuth,serverAuth\nkeyUsage=digitalSignature\n",
+    )?;
+    let openssl = |args: &[&str]| -> Result<()> {
+        let out = Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .context("running openssl")?;
+        ensure!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    let s = |p: &Path| p.display().to_string();
+    openssl(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        &s(&key),
+    ])?;
+    openssl(&[
+        "req",
+        "-new",
+        "-key",
+        &s(&key),
+        "-subj",
+        "/O=warren-e2e",
+        "-out",
+        &s(&csr),
+    ])?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &s(&csr),
+        "-CA",
+        &s(&ca.join("ca-cert.pem")),
+        "-CAkey",
+        &s(&ca.join("ca-key.pem")),
+        "-days",
+        &days.to_string(),
+        "-extfile",
+        &s(&ext),
+        "-out",
+        &s(&cert),
+    ])?;
+    Ok((cert, key))
+}
+
+/// Read until the peer closes (EOF or reset); fail if it is still open at the deadline.
+fn wait_for_close(stream: &mut TcpStream) -> Result<()> {
+    let deadline = Instant::now() + CLOSE_DEADLINE;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!("the agent kept a bad peer's connection open for {CLOSE_DEADLINE:?}");
+        }
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(_) => continue, // e.g. a TLS alert
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue
+            }
+            Err(_) => return Ok(()), // reset
+        }
+    }
+}
+
+/// Wait until n2's agent logged a line (after `offset`) containing every needle.
+fn refusal_logged(lab: &Lab, offset: u64, needles: &[&str]) -> Result<()> {
+    let deadline = Instant::now() + CLOSE_DEADLINE;
+    loop {
+        let log = lab.agent_log_since("n2", offset)?;
+        if log
+            .lines()
+            .any(|line| needles.iter().all(|n| line.contains(n)))
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("n2's agent logged no line with {needles:?}; it logged:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The agent still carries ordinary traffic after the bad peer.
+fn still_serving(lab: &Lab) -> Result<()> {
+    let app = lab.serve("demo/server", 0, AppMode::Echo)?;
+    let dst = lab.pod("demo/server").addr(Family::V4, app.port());
+    ensure_ok(
+        &lab.connect("demo/client", dst, AppMode::Echo, 64 * 1024)?,
+        "a tunnelled connection after a bad peer",
+    )
+}

@@ -16,7 +16,6 @@ pub async fn handle(
     peer: SocketAddr,
     pod: Arc<Pod>,
 ) {
-    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     let dst = match downstream.local_addr() {
         Ok(local) => SocketAddr::new(local.ip().to_canonical(), local.port()),
         Err(err) => {

@@ -38,6 +38,8 @@ pub struct Launch<'a> {
     pub redirect: RedirectMode,
     /// `--ca-dir`: the lab's CA.
     pub ca_dir: &'a Path,
+    /// `--cert-lifetime`, when not the agent's default.
+    pub cert_lifetime: Option<Duration>,
     /// Log file, appended to.
     pub log: &'a Path,
 }
@@ -54,11 +56,20 @@ impl Launch<'_> {
             .args(["--bpf-root", BPF_PIN_ROOT])
             .arg("--ca-dir")
             .arg(self.ca_dir);
+        if let Some(lifetime) = self.cert_lifetime {
+            cmd.args(["--cert-lifetime", &cert_lifetime_arg(lifetime)]);
+        }
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
         cmd
     }
+}
+
+/// `lifetime` as the agent parses it (humantime), in milliseconds so that nothing is
+/// rounded away.
+pub fn cert_lifetime_arg(lifetime: Duration) -> String {
+    format!("{}ms", lifetime.as_millis())
 }
 
 /// Create the lab's CA with `warren ca init` (the agents sign workload certificates
@@ -189,4 +200,42 @@ pub fn tail(log: &Path, offset: u64, lines: usize) -> String {
 /// later.
 pub fn log_len(log: &Path) -> u64 {
     fs::metadata(log).map(|m| m.len()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::topology::Topology;
+
+    fn args(cert_lifetime: Option<Duration>) -> Vec<String> {
+        let topology = Topology::standard(Path::new("/sys/fs/cgroup"));
+        let path = PathBuf::from("/x");
+        let launch = Launch {
+            binary: &path,
+            node: &topology.nodes[0],
+            config: &path,
+            redirect: RedirectMode::Ebpf,
+            ca_dir: &path,
+            log: &path,
+            cert_lifetime,
+        };
+        launch
+            .command()
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn cert_lifetime_is_passed_only_when_set() {
+        assert!(!args(None).iter().any(|a| a == "--cert-lifetime"));
+        let with = args(Some(Duration::from_millis(6500)));
+        let at = with
+            .iter()
+            .position(|a| a == "--cert-lifetime")
+            .expect("--cert-lifetime is passed");
+        assert_eq!(with[at + 1], "6500ms");
+    }
 }

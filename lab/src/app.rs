@@ -22,8 +22,12 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-pub use connect::{connect, ConnectOptions, DEFAULT_TCP_BYTES, DEFAULT_TIMEOUT, DEFAULT_UDP_BYTES};
-pub use harness::AppServer;
+pub use connect::{
+    connect, connect_load, ConnectOptions, LoadOptions, DEFAULT_TCP_BYTES, DEFAULT_TIMEOUT,
+    DEFAULT_UDP_BYTES,
+};
+pub(crate) use harness::parse_report;
+pub use harness::{AppClient, AppServer};
 pub use payload::Payload;
 pub(crate) use serve::hex;
 pub use serve::{serve, ServeOptions};
@@ -97,7 +101,8 @@ mod tests {
     use super::*;
     use std::io::{Read as _, Write as _};
     use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream};
-    use std::sync::mpsc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{mpsc, Arc};
     use std::time::Duration;
 
     /// Start a server on a free loopback port in a background thread (it serves
@@ -199,5 +204,151 @@ mod tests {
         // The JSON line parses back.
         let parsed: ConnectReport = serde_json::from_str(&report.to_json()).unwrap();
         assert_eq!(parsed, report);
+    }
+
+    fn options(addr: SocketAddr, mode: AppMode, bytes: u64) -> ConnectOptions {
+        ConnectOptions {
+            addr,
+            mode,
+            bytes,
+            udp: false,
+            timeout: Duration::from_secs(10),
+            source_port: None,
+            marker: None,
+        }
+    }
+
+    /// An echo server that counts the connections it has accepted and finished.
+    fn counting_echo() -> (SocketAddr, Arc<(AtomicUsize, AtomicUsize)>) {
+        let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let counts = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
+        let shared = Arc::clone(&counts);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let stream = stream.unwrap();
+                shared.0.fetch_add(1, Ordering::SeqCst);
+                let shared = Arc::clone(&shared);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut &stream, &mut &stream);
+                    let _ = stream.shutdown(Shutdown::Write);
+                    shared.1.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+        (addr, counts)
+    }
+
+    #[test]
+    fn parallel_connections_are_all_open_before_any_exchanges() {
+        let (addr, counts) = counting_echo();
+        let n = 40;
+        let mut held = None;
+        let report = connect_load(
+            &options(addr, AppMode::Echo, 100_000),
+            &LoadOptions {
+                parallel: n,
+                hold: true,
+                duration: None,
+            },
+            |connected| {
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while counts.0.load(Ordering::SeqCst) < n && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                held = Some((
+                    connected,
+                    counts.0.load(Ordering::SeqCst),
+                    counts.1.load(Ordering::SeqCst),
+                ));
+            },
+        );
+        assert_eq!(held, Some((n, n, 0)), "connected, accepted, finished");
+        assert!(report.ok, "{report:?}");
+        assert_eq!(
+            (report.sent, report.received),
+            (n as u64 * 100_000, n as u64 * 100_000)
+        );
+        assert!(report.detail.starts_with("40 connections"), "{report:?}");
+        assert_eq!(counts.1.load(Ordering::SeqCst), n);
+    }
+
+    #[test]
+    fn parallel_failures_are_counted_and_grouped() {
+        let free = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut called = false;
+        let report = connect_load(
+            &options(free, AppMode::Echo, 10),
+            &LoadOptions {
+                parallel: 5,
+                hold: true,
+                duration: None,
+            },
+            |connected| {
+                assert_eq!(connected, 0);
+                called = true;
+            },
+        );
+        assert!(called);
+        assert!(!report.ok);
+        assert!(
+            report
+                .detail
+                .starts_with("5 of 5 connections failed: 5× connect to")
+                && report.detail.contains("refused")
+                && report.detail.ends_with("(connection 0, …)"),
+            "{report:?}"
+        );
+        // Without holding, the callback is not called.
+        let (addr, _) = counting_echo();
+        let report = connect_load(
+            &options(addr, AppMode::Echo, 10),
+            &LoadOptions {
+                parallel: 3,
+                hold: false,
+                duration: None,
+            },
+            |_| panic!("not holding"),
+        );
+        assert!(report.ok, "{report:?}");
+        // UDP has no parallel mode.
+        let mut udp = options(addr, AppMode::Echo, 10);
+        udp.udp = true;
+        let report = connect_load(
+            &udp,
+            &LoadOptions {
+                parallel: 2,
+                ..LoadOptions::default()
+            },
+            |_| {},
+        );
+        assert!(
+            !report.ok && report.detail.contains("TCP only"),
+            "{report:?}"
+        );
+    }
+
+    #[test]
+    fn paced_stream_lasts_its_duration_and_is_checked() {
+        for mode in [AppMode::Echo, AppMode::Sha] {
+            let port = start(mode, false);
+            let started = std::time::Instant::now();
+            let report = connect_load(
+                &options((Ipv4Addr::LOCALHOST, port).into(), mode, 10_007),
+                &LoadOptions {
+                    duration: Some(Duration::from_millis(450)),
+                    ..LoadOptions::default()
+                },
+                |_| {},
+            );
+            assert!(report.ok, "{report:?}");
+            assert_eq!((report.sent, report.received), (10_007, 10_007));
+            assert!(report.detail.contains("paced over 450ms"), "{report:?}");
+            // A lower bound only: the stream cannot end before its pacing does.
+            assert!(started.elapsed() >= Duration::from_millis(450));
+        }
     }
 }

@@ -17,7 +17,7 @@ use nix::unistd::Pid;
 use sha2::{Digest as _, Sha256};
 
 use crate::agent::{self, Launch};
-use crate::app::{self, AppMode, AppServer, ConnectOptions, ConnectReport};
+use crate::app::{self, AppClient, AppMode, AppServer, ConnectOptions, ConnectReport, LoadOptions};
 use crate::config::AgentConfig;
 use crate::enter::{self, EnterOptions};
 use crate::options::{LabMode, RedirectMode, UpOptions};
@@ -37,6 +37,7 @@ pub struct Lab {
     dir: RuntimeDir,
     topology: Topology,
     mode: LabMode,
+    cert_lifetime: Option<Duration>,
     /// Last state read or written, for when `state.json` cannot be read.
     cached: Mutex<State>,
 }
@@ -50,10 +51,19 @@ impl Lab {
     ///
     /// Idempotent: when a lab is up in the same mode, dead agents are restarted (all
     /// of them if the `warren` binary was rebuilt) and the lab is returned. A lab in
-    /// another mode is an error. Leftovers without `state.json` are removed first. If
-    /// creating fails midway, everything is removed again before the error returns.
+    /// another mode, or whose agents were given another certificate lifetime, is an
+    /// error. Leftovers without `state.json` are removed first. If creating fails
+    /// midway, everything is removed again before the error returns.
     pub fn up(options: &UpOptions) -> Result<Lab> {
         let mode = options.mode();
+        let cert_lifetime = options.agent_cert_lifetime();
+        if let Some(lifetime) = cert_lifetime {
+            // X.509 validity has one-second resolution: anything shorter is expired
+            // when it arrives.
+            if lifetime < Duration::from_secs(1) {
+                bail!("a certificate lifetime of {lifetime:?} is too short: certificates need at least 1s");
+            }
+        }
         let mut missing = prereq::check_lab();
         if options.agents {
             missing.extend(prereq::check_toolchain());
@@ -67,8 +77,8 @@ impl Lab {
         let dir = RuntimeDir::default();
         let lock = dir.lock()?;
         match dir.read_state()? {
-            Some(state) => Lab::reuse(dir, &lock, state, mode),
-            None => Lab::create(dir, &lock, mode),
+            Some(state) => Lab::reuse(dir, &lock, state, mode, cert_lifetime),
+            None => Lab::create(dir, &lock, mode, cert_lifetime),
         }
     }
 
@@ -122,11 +132,17 @@ impl Lab {
             dir,
             topology: state.topology.clone(),
             mode: state.mode,
+            cert_lifetime: state.cert_lifetime,
             cached: Mutex::new(state),
         }
     }
 
-    fn create(dir: RuntimeDir, lock: &LabLock, mode: LabMode) -> Result<Lab> {
+    fn create(
+        dir: RuntimeDir,
+        lock: &LabLock,
+        mode: LabMode,
+        cert_lifetime: Option<Duration>,
+    ) -> Result<Lab> {
         let cgroup2 = mounts::cgroup2_mount()?;
         let topology = Topology::standard(&cgroup2);
         if leftovers_exist(&topology)? {
@@ -149,6 +165,7 @@ impl Lab {
             .with_context(|| format!("writing {}", dir.config().display()))?;
             let mut state = State::new(mode, topology.clone());
             state.agent_binary = binary;
+            state.cert_lifetime = cert_lifetime;
             dir.write_state(lock, &state)?;
             let lab = Lab::from_state(dir.clone(), state);
             if let LabMode::Agents(_) = mode {
@@ -179,11 +196,24 @@ impl Lab {
         })
     }
 
-    fn reuse(dir: RuntimeDir, lock: &LabLock, state: State, mode: LabMode) -> Result<Lab> {
+    fn reuse(
+        dir: RuntimeDir,
+        lock: &LabLock,
+        state: State,
+        mode: LabMode,
+        cert_lifetime: Option<Duration>,
+    ) -> Result<Lab> {
         if state.mode != mode {
             bail!(
                 "lab is up in mode {}; run `cargo xtask lab down` first (asked for mode {mode})",
                 state.mode
+            );
+        }
+        if state.cert_lifetime != cert_lifetime {
+            bail!(
+                "lab is up with agent certificate lifetime {}; run `cargo xtask lab down` first (asked for {})",
+                describe_lifetime(state.cert_lifetime),
+                describe_lifetime(cert_lifetime)
             );
         }
         for path in state
@@ -397,6 +427,46 @@ impl Lab {
 
     /// Run `lab-app connect` with every option.
     pub fn connect_with(&self, target: &str, options: &ConnectOptions) -> Result<ConnectReport> {
+        self.connect_load(target, options, &LoadOptions::default())
+    }
+
+    /// Run `lab-app connect` with every option, and several connections or a paced
+    /// stream as `load` says. A client told to hold ([`LoadOptions::hold`]) goes on at
+    /// once here (its standard input is empty): to look at held connections, use
+    /// [`Self::start_connect`].
+    pub fn connect_load(
+        &self,
+        target: &str,
+        options: &ConnectOptions,
+        load: &LoadOptions,
+    ) -> Result<ConnectReport> {
+        let out = self
+            .connect_command(target, options, load)?
+            .stdin(std::process::Stdio::null())
+            .output()
+            .with_context(|| format!("running lab-app connect in {target}"))?;
+        app::parse_report(target, &out)
+    }
+
+    /// Start `lab-app connect` in `target` in the background; [`AppClient::wait`] gives
+    /// its report. With [`LoadOptions::hold`] its connections stay open and idle until
+    /// [`AppClient::release`].
+    pub fn start_connect(
+        &self,
+        target: &str,
+        options: &ConnectOptions,
+        load: &LoadOptions,
+    ) -> Result<AppClient> {
+        let cmd = self.connect_command(target, options, load)?;
+        AppClient::start(cmd, target.to_string())
+    }
+
+    fn connect_command(
+        &self,
+        target: &str,
+        options: &ConnectOptions,
+        load: &LoadOptions,
+    ) -> Result<Command> {
         let mut cmd = self.lab_app(target)?;
         cmd.args(["connect", "--addr", &options.addr.to_string()])
             .args(["--mode", options.mode.as_str()])
@@ -414,18 +484,16 @@ impl Lab {
         if let Some(marker) = &options.marker {
             cmd.args(["--marker", marker]);
         }
-        let out = cmd
-            .output()
-            .with_context(|| format!("running lab-app connect in {target}"))?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let line = stdout.lines().last().unwrap_or_default();
-        serde_json::from_str(line).with_context(|| {
-            format!(
-                "lab-app connect in {target} printed no report ({}); stdout: {stdout:?}; stderr: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )
-        })
+        if load.parallel != 1 {
+            cmd.args(["--parallel", &load.parallel.to_string()]);
+        }
+        if load.hold {
+            cmd.arg("--hold");
+        }
+        if let Some(duration) = load.duration {
+            cmd.args(["--duration-secs", &duration.as_secs_f64().to_string()]);
+        }
+        Ok(cmd)
     }
 
     // ---- agents --------------------------------------------------------------
@@ -512,6 +580,7 @@ impl Lab {
             redirect,
             ca_dir: &self.dir.ca(),
             log: &log,
+            cert_lifetime: state.cert_lifetime,
         })?;
         eprintln!(
             "lab: the agent of {node_name} is ready (pid {pid}, log {})",
@@ -618,6 +687,11 @@ impl Lab {
             if let Some(binary) = &state.agent_binary {
                 let _ = writeln!(s, "  binary {}", binary.path.display());
             }
+            let _ = writeln!(
+                s,
+                "  certificate lifetime {}",
+                describe_lifetime(state.cert_lifetime)
+            );
         }
         let _ = write!(s, "agent config: {}", self.dir.config().display());
         s
@@ -633,12 +707,26 @@ impl Lab {
         self.dir.config()
     }
 
+    /// The agents' certificate lifetime (`--cert-lifetime`), when the lab was brought
+    /// up with one; `None` means the agent's default (24 h), or no agents.
+    pub fn cert_lifetime(&self) -> Option<Duration> {
+        self.cert_lifetime
+    }
+
     /// The redirect mode of the agents, if the lab has agents.
     pub fn redirect(&self) -> Option<RedirectMode> {
         match self.mode {
             LabMode::Agents(mode) => Some(mode),
             LabMode::NoAgents => None,
         }
+    }
+}
+
+/// A certificate lifetime for messages.
+fn describe_lifetime(lifetime: Option<Duration>) -> String {
+    match lifetime {
+        Some(lifetime) => format!("{lifetime:?}"),
+        None => "the agent's default (24h)".to_string(),
     }
 }
 

@@ -51,7 +51,7 @@ mod state;
 mod teardown;
 pub mod topology;
 
-pub use app::{AppMode, AppServer, ConnectOptions, ConnectReport};
+pub use app::{AppClient, AppMode, AppServer, ConnectOptions, ConnectReport, LoadOptions};
 pub use capture::{Capture, Captured};
 pub use lab::Lab;
 /// Signals for [`Lab::kill_agent`], re-exported so tests need not depend on nix.

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::Duration;
 
 use anyhow::bail;
 use serde::{Deserialize, Serialize};
@@ -77,14 +78,18 @@ pub struct UpOptions {
     pub redirect: RedirectMode,
     /// Build and start one `warren agent` per node.
     pub agents: bool,
+    /// The agents' `--cert-lifetime`; `None` leaves the agent's default (24 h). Tests of
+    /// certificate renewal need seconds, not hours (ignored without agents).
+    pub cert_lifetime: Option<Duration>,
 }
 
 impl Default for UpOptions {
-    /// Agents on, redirect mode `auto`.
+    /// Agents on, redirect mode `auto`, the agent's default certificate lifetime.
     fn default() -> Self {
         UpOptions {
             redirect: RedirectMode::Auto,
             agents: true,
+            cert_lifetime: None,
         }
     }
 }
@@ -95,6 +100,7 @@ impl UpOptions {
         UpOptions {
             redirect,
             agents: true,
+            cert_lifetime: None,
         }
     }
 
@@ -103,7 +109,22 @@ impl UpOptions {
         UpOptions {
             redirect: RedirectMode::Auto,
             agents: false,
+            cert_lifetime: None,
         }
+    }
+
+    /// The same options with the agents' certificates living `lifetime`.
+    pub fn cert_lifetime(self, lifetime: Duration) -> Self {
+        UpOptions {
+            cert_lifetime: Some(lifetime),
+            ..self
+        }
+    }
+
+    /// The certificate lifetime the agents get: `None` without agents, where there is
+    /// nothing to give it to (so a no-agents lab matches whatever was asked).
+    pub fn agent_cert_lifetime(&self) -> Option<Duration> {
+        self.cert_lifetime.filter(|_| self.agents)
     }
 
     /// The lab mode these options produce.

@@ -7,6 +7,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::ErrorKind;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
@@ -136,6 +137,11 @@ pub struct State {
     pub mode: LabMode,
     /// The topology that was created.
     pub topology: Topology,
+    /// The agents' `--cert-lifetime`; `None` for the agent's default (and without
+    /// agents). Absent in the state of labs made before it was recorded, which ran
+    /// with the default.
+    #[serde(default)]
+    pub cert_lifetime: Option<Duration>,
     /// The agent binary the agents run, to notice when it is rebuilt.
     pub agent_binary: Option<AgentBinary>,
     /// Agents by node name.
@@ -149,6 +155,7 @@ impl State {
             version: STATE_VERSION,
             mode,
             topology,
+            cert_lifetime: None,
             agent_binary: None,
             agents: BTreeMap::new(),
         }
@@ -195,6 +202,7 @@ mod tests {
             LabMode::Agents(RedirectMode::Ebpf),
             Topology::standard(Path::new("/sys/fs/cgroup")),
         );
+        state.cert_lifetime = Some(Duration::from_secs(6));
         state.agents.insert(
             "n1".into(),
             AgentRecord {
@@ -211,6 +219,26 @@ mod tests {
         let again = dir.lock().unwrap();
         assert!(root.join("lab.lock").exists());
         drop(again);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn state_without_cert_lifetime_means_the_default() {
+        let root = tempdir("no-lifetime");
+        let dir = RuntimeDir { root: root.clone() };
+        let lock = dir.lock().unwrap();
+        let state = State::new(
+            LabMode::Agents(RedirectMode::Ebpf),
+            Topology::standard(Path::new("/sys/fs/cgroup")),
+        );
+        dir.write_state(&lock, &state).unwrap();
+        // As written before the field existed.
+        let mut json: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(dir.state()).unwrap()).unwrap();
+        json.as_object_mut().unwrap().remove("cert_lifetime");
+        fs::write(dir.state(), json.to_string()).unwrap();
+        assert_eq!(dir.read_state().unwrap().unwrap().cert_lifetime, None);
+        drop(lock);
         fs::remove_dir_all(&root).unwrap();
     }
 

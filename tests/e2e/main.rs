@@ -13,8 +13,20 @@ mod traffic;
 mod tunnel;
 mod tunnel_refusals;
 
+use std::time::Duration;
+
 use libtest_mimic::{Arguments, Failed, Trial};
 use warren_lab::{Lab, RedirectMode, UpOptions};
+
+/// The agents' certificate lifetime for the whole run (`--cert-lifetime`). Renewed at
+/// half-life, a 6 s certificate is replaced every ~3 s, so
+/// `tunnel::long_stream_survives_certificate_renewals` sees three or four renewals per
+/// identity during its 12 s stream without a lab of its own. Not shorter: each new
+/// handshake anywhere in the suite gets a certificate with ~3 s of life left, which is
+/// the time an agent on a loaded 2-core machine has to renew before handshakes would
+/// fail as expired; and each renewal logs a line, which crowds the agent log tails
+/// attached to failures. Not longer: the renewal scenario would need a longer stream.
+const CERT_LIFETIME: Duration = Duration::from_secs(6);
 
 type Scenario = fn(&Lab) -> anyhow::Result<()>;
 
@@ -60,7 +72,8 @@ fn main() -> std::process::ExitCode {
         return libtest_mimic::run(&args, trials).exit_code();
     }
 
-    let lab = match Lab::up(&UpOptions::with_agents(RedirectMode::Ebpf)) {
+    let options = UpOptions::with_agents(RedirectMode::Ebpf).cert_lifetime(CERT_LIFETIME);
+    let lab = match Lab::up(&options) {
         Ok(lab) => lab,
         Err(err) => {
             eprintln!("error: cannot bring the lab up: {err:#}");

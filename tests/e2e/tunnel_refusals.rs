@@ -38,6 +38,10 @@ pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
         "tunnel_refusals::expired_client_certificate",
         expired_certificate,
     ),
+    (
+        "tunnel_refusals::server_with_unexpected_identity",
+        unexpected_server_identity,
+    ),
 ];
 
 /// How long a refused peer may wait for the agent to close: the agent's TLS handshake
@@ -105,6 +109,85 @@ fn expired_certificate(lab: &Lab) -> Result<()> {
     let (cert, key) = client_certificate(dir.path(), &lab.ca_dir(), 0)?;
     std::thread::sleep(Duration::from_millis(1500));
     tls_peer_refused(lab, &cert, &key, "certificate expired at")
+}
+
+/// Secure naming: n1's agent is told that `demo/server` runs as service account
+/// `impostor`; the real server presents `…/sa/server`, a valid certificate of the mesh's
+/// CA. n1's agent must refuse to send the connection, say why, and never reach the app.
+fn unexpected_server_identity(lab: &Lab) -> Result<()> {
+    let config = lab.config_path();
+    let original = std::fs::read_to_string(&config)?;
+    ensure!(
+        original.matches("serviceAccount: server\n").count() == 1,
+        "unexpected lab.yaml:\n{original}"
+    );
+    let restore = RestoreAgentConfig {
+        lab,
+        original: original.clone(),
+        restored: false,
+    };
+    std::fs::write(
+        &config,
+        original.replace("serviceAccount: server\n", "serviceAccount: impostor\n"),
+    )?;
+    lab.kill_agent("n1", warren_lab::Signal::SIGTERM)?;
+    lab.start_agent("n1")?;
+
+    let app = lab.serve("demo/server", 0, AppMode::Echo)?;
+    let dst = lab.pod("demo/server").addr(Family::V4, app.port());
+    let (n1, n2) = (lab.agent_log_len("n1"), lab.agent_log_len("n2"));
+    let report = lab.connect("demo/client", dst, AppMode::Echo, 1024)?;
+    ensure!(
+        !report.ok,
+        "the connection went through to a server with the wrong identity: {report:?}"
+    );
+    let record = crate::support::access_record(lab, "n1", n1, "outbound", dst)?;
+    let error = crate::support::field(&record, "error");
+    ensure!(
+        error.contains("server presented spiffe://cluster.local/ns/demo/sa/server, expected spiffe://cluster.local/ns/demo/sa/impostor"),
+        "the refusal should name both identities: {record}"
+    );
+    let reached = crate::support::access_records_for(lab, "n2", n2, dst)?;
+    ensure!(
+        reached.is_empty(),
+        "the server's agent delivered the connection: {reached:?}"
+    );
+    restore.restore()
+}
+
+/// Puts the lab's agent config back and restarts n1's agent with it, also when the
+/// scenario fails half-way.
+struct RestoreAgentConfig<'a> {
+    lab: &'a Lab,
+    original: String,
+    restored: bool,
+}
+
+impl RestoreAgentConfig<'_> {
+    fn restore(mut self) -> Result<()> {
+        self.restored = true;
+        self.put_back()
+    }
+
+    fn put_back(&self) -> Result<()> {
+        std::fs::write(self.lab.config_path(), &self.original)?;
+        if self.lab.agent_pid("n1").is_some() {
+            self.lab.kill_agent("n1", warren_lab::Signal::SIGTERM)?;
+        }
+        self.lab.start_agent("n1")?;
+        Ok(())
+    }
+}
+
+impl Drop for RestoreAgentConfig<'_> {
+    fn drop(&mut self) {
+        if self.restored {
+            return;
+        }
+        if let Err(err) = self.put_back() {
+            eprintln!("error: restoring n1's agent config: {err:#}");
+        }
+    }
 }
 
 /// `openssl s_client` from `outside` presenting `cert`; the n2 agent must refuse the

@@ -1,15 +1,15 @@
 //! Driving `lab-app` from tests and the demo: a server that is known to listen before
-//! anyone connects, and stopped when dropped.
+//! anyone connects, and stopped when dropped; a client running in the background.
 
 use std::io::{BufRead as _, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Output, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
-use super::READY_PREFIX;
+use super::{ConnectReport, READY_PREFIX};
 
 /// How long a server may take to print its READY line.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -159,4 +159,90 @@ impl Drop for AppServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A `lab-app connect` running in the background ([`crate::Lab::start_connect`]), to
+/// look at its connections while they are open. Its standard input is a pipe kept open
+/// until [`Self::release`], so a client started with
+/// [`LoadOptions::hold`](super::LoadOptions::hold) keeps its connections open and idle
+/// until then. Killed (and reaped) on drop.
+#[derive(Debug)]
+pub struct AppClient {
+    /// Taken by [`Self::wait`].
+    child: Option<Child>,
+    stdin: Option<ChildStdin>,
+    target: String,
+}
+
+impl AppClient {
+    /// Spawn `cmd` (a `lab-app connect …` placed in `target`).
+    pub(crate) fn start(mut cmd: Command, target: String) -> Result<AppClient> {
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting lab-app connect in {target}"))?;
+        let stdin = child.stdin.take();
+        Ok(AppClient {
+            child: Some(child),
+            stdin,
+            target,
+        })
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether it has exited already (a holding client exits early only when something
+    /// went wrong, e.g. a bad option).
+    pub fn exited(&mut self) -> Result<bool> {
+        match self.child.as_mut() {
+            Some(child) => Ok(child.try_wait()?.is_some()),
+            None => Ok(true),
+        }
+    }
+
+    /// Close its standard input: a holding client goes on with its exchanges.
+    pub fn release(&mut self) {
+        self.stdin.take();
+    }
+
+    /// Release it and wait for it to finish; its report. It ends by itself: every
+    /// connect and read has the client's timeout.
+    pub fn wait(mut self) -> Result<ConnectReport> {
+        self.release();
+        let child = self
+            .child
+            .take()
+            .context("the client was already waited for")?;
+        let out = child
+            .wait_with_output()
+            .with_context(|| format!("waiting for lab-app connect in {}", self.target))?;
+        parse_report(&self.target, &out)
+    }
+}
+
+impl Drop for AppClient {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The report `lab-app connect` in `target` printed as its last line of stdout.
+pub(crate) fn parse_report(target: &str, out: &Output) -> Result<ConnectReport> {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).with_context(|| {
+        format!(
+            "lab-app connect in {target} printed no report ({}); stdout: {stdout:?}; stderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    })
 }

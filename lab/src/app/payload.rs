@@ -12,9 +12,12 @@ pub struct Payload {
     marker: Option<(Vec<u8>, usize)>,
 }
 
+/// The seed of the default stream: "warren!!".
+const SEED: u64 = 0x7761_7272_656e_2121;
+
 impl Default for Payload {
     fn default() -> Self {
-        Payload::new(0x7761_7272_656e_2121) // "warren!!"
+        Payload::new(SEED)
     }
 }
 
@@ -36,6 +39,16 @@ impl Payload {
                 .filter(|m| !m.is_empty())
                 .map(|m| (m.as_bytes().to_vec(), 0)),
             ..Payload::default()
+        }
+    }
+
+    /// What connection `index` of a `--parallel` run sends: `marker` repeated, or a
+    /// pseudo-random stream of its own, so that a proxy that crossed two streams'
+    /// bytes is caught. Connection 0 sends the default stream, as a lone client does.
+    pub fn for_connection(marker: Option<&str>, index: usize) -> Payload {
+        Payload {
+            state: SEED.wrapping_add(index as u64),
+            ..Payload::marker(marker)
         }
     }
 
@@ -102,6 +115,24 @@ mod tests {
         }
         assert_eq!(whole, joined);
         assert!(whole.iter().any(|b| *b != whole[0]), "not constant");
+    }
+
+    #[test]
+    fn connections_get_streams_of_their_own() {
+        let mut first = [0u8; 64];
+        let mut second = [0u8; 64];
+        Payload::for_connection(None, 0).fill(&mut first);
+        Payload::for_connection(None, 1).fill(&mut second);
+        let mut lone = [0u8; 64];
+        Payload::default().fill(&mut lone);
+        assert_eq!(first, lone);
+        assert_ne!(first, second);
+        // Not the same stream shifted by a word either.
+        assert_ne!(first[8..], second[..56]);
+        assert_ne!(first[..56], second[8..]);
+        let mut marked = [0u8; 4];
+        Payload::for_connection(Some("ab"), 7).fill(&mut marked);
+        assert_eq!(&marked, b"abab");
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //! `lab-app serve --port P [--mode echo|sha|greet] [--udp]` listens on `[::]:P`
 //! (dual-stack), prints `READY <port>` and serves forever.
 //! `lab-app connect --addr IP:PORT [--mode …] [--bytes N] [--udp] [--timeout-secs S]`
-//! runs one checked exchange, prints one JSON line and exits 0 iff it passed.
+//! runs one checked exchange, prints one JSON line and exits 0 iff it passed;
+//! `--parallel N [--hold]` runs N at once (all connected before any exchanges; with
+//! `--hold`, idle until standard input ends), `--duration-secs S` spreads sending over S
+//! seconds.
 //! The behaviour of each mode is documented in `warren_lab::app`.
 #![deny(rust_2018_idioms)]
 
@@ -14,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
-use warren_lab::app::{self, AppMode, ConnectOptions, ServeOptions};
+use warren_lab::app::{self, AppMode, ConnectOptions, LoadOptions, ServeOptions};
 
 #[derive(Parser)]
 #[command(name = "lab-app", about = "Test server and client for the warren lab")]
@@ -60,6 +63,18 @@ enum Cmd {
         /// Send this text repeated instead of pseudo-random bytes (to find it on the wire).
         #[arg(long)]
         marker: Option<String>,
+        /// Run N connections at once, each with its own payload; all are connected
+        /// before any exchanges. The report adds them up.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "udp")]
+        parallel: u32,
+        /// Once every connection is up, print `HOLDING <n>` on stderr and keep them open
+        /// and idle until standard input ends (close it, or Ctrl-D), then exchange.
+        #[arg(long, conflicts_with = "udp")]
+        hold: bool,
+        /// Send the payload in small pieces spread over this many seconds (fractions
+        /// allowed), keeping the connection busy that long.
+        #[arg(long, value_parser = parse_secs, conflicts_with = "udp")]
+        duration_secs: Option<Duration>,
     },
 }
 
@@ -80,13 +95,16 @@ fn main() -> ExitCode {
             timeout_secs,
             source_port,
             marker,
+            parallel,
+            hold,
+            duration_secs,
         } => {
             let default_bytes = if udp {
                 app::DEFAULT_UDP_BYTES
             } else {
                 app::DEFAULT_TCP_BYTES
             };
-            let report = app::connect(&ConnectOptions {
+            let options = ConnectOptions {
                 addr,
                 mode,
                 bytes: bytes.unwrap_or(default_bytes),
@@ -94,6 +112,16 @@ fn main() -> ExitCode {
                 timeout: Duration::from_secs(timeout_secs),
                 source_port,
                 marker,
+            };
+            let load = LoadOptions {
+                parallel: parallel as usize,
+                hold,
+                duration: duration_secs,
+            };
+            let report = app::connect_load(&options, &load, |connected| {
+                // Whoever started us may wait for this line before looking.
+                eprintln!("HOLDING {connected}");
+                let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
             });
             println!("{}", report.to_json());
             if report.ok {
@@ -103,6 +131,13 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn parse_secs(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text
+        .parse()
+        .map_err(|e| format!("{text:?} is not a number of seconds: {e}"))?;
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{text:?}: {e}"))
 }
 
 fn serve(options: ServeOptions) -> Result<()> {

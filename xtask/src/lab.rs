@@ -19,6 +19,10 @@ pub enum LabCommand {
         /// Only the topology, no agents (the mesh off).
         #[arg(long)]
         no_agents: bool,
+        /// Lifetime of the agents' workload certificates (e.g. 6s, 10m; default 24h).
+        /// The end-to-end tests run their lab with 6s.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        cert_lifetime: Option<std::time::Duration>,
     },
     /// Remove everything the lab created (also from a half-made lab).
     Down,
@@ -48,12 +52,16 @@ pub fn run(command: LabCommand) -> Result<ExitCode> {
         LabCommand::Up {
             redirect,
             no_agents,
+            cert_lifetime,
         } => {
-            let options = if no_agents {
+            let mut options = if no_agents {
                 UpOptions::no_agents()
             } else {
                 UpOptions::with_agents(redirect)
             };
+            if let Some(lifetime) = cert_lifetime {
+                options = options.cert_lifetime(lifetime);
+            }
             setup::ensure(if options.agents {
                 Scope::Everything
             } else {

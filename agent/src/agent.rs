@@ -12,6 +12,7 @@ use crate::{
     config::Config,
     control::local::{LocalConfig, LocalConfigError},
     identity::{CaError, CertificateAuthority, IdentityError, SecretManager},
+    metrics::{self, Metrics},
     netns::{Netns, NetnsError},
     proxy::{self, hbone, Pod, ProxyContext},
     redirect::{
@@ -58,6 +59,8 @@ pub enum AgentError {
     Redirect(#[from] RedirectError),
     #[error(transparent)]
     Ca(#[from] CaError),
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
     #[error("workload {workload} has no valid identity: {source}")]
     Identity {
         workload: String,
@@ -85,6 +88,8 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     Netns::init_home().map_err(AgentError::Home)?;
     let local = LocalConfig::load(&config.config_file)?;
     let workloads = local.enrolled_on(&config.node);
+
+    let metrics_listener = metrics::bind(config.metrics_addr).await?;
 
     // Identity: the CA must be usable and every local identity gets its certificate
     // before any pod is captured (a captured pod without one could not talk).
@@ -199,12 +204,16 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     ebpf.retain(&enrolled).map_err(RedirectError::from)?;
     drop(enrolled);
 
+    let pool = hbone::Pool::new(hbone::PoolConfig::default());
+    let metrics = Arc::new(Metrics::new(pool.clone())?);
+    metrics.set_enrolled_pods(prepared.len());
+    tokio::spawn(metrics::serve(metrics_listener, metrics));
     let ctx = Arc::new(ProxyContext {
         workloads: WorkloadIndex::new(local.workloads.iter().cloned()),
         original_dst,
         trust_domain: config.trust_domain.clone(),
         secrets,
-        pool: hbone::Pool::new(hbone::PoolConfig::default()),
+        pool,
     });
     let names: Vec<String> = prepared
         .iter()

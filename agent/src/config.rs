@@ -49,6 +49,15 @@ pub struct AgentArgs {
     #[arg(long, env = "WARREN_CERT_LIFETIME", value_parser = humantime::parse_duration, default_value = "24h")]
     pub cert_lifetime: Duration,
 
+    /// Where to serve Prometheus metrics (`/metrics`), in the agent's own netns.
+    #[arg(
+        long,
+        env = "WARREN_METRICS_ADDR",
+        value_name = "ADDR",
+        default_value = "[::]:15020"
+    )]
+    pub metrics_addr: std::net::SocketAddr,
+
     /// Diagnostic switch: report these kernel features as missing, to exercise fallbacks.
     #[arg(long, value_enum, value_delimiter = ',', hide = true)]
     pub probe_pretend_missing: Vec<KernelFeature>,
@@ -68,6 +77,7 @@ pub struct Config {
     pub trust_domain: String,
     pub ca_dir: PathBuf,
     pub cert_lifetime: Duration,
+    pub metrics_addr: std::net::SocketAddr,
     pub probe_pretend_missing: Vec<KernelFeature>,
 }
 
@@ -83,6 +93,7 @@ impl From<AgentArgs> for Config {
             trust_domain: args.trust_domain,
             ca_dir: args.ca_dir,
             cert_lifetime: args.cert_lifetime,
+            metrics_addr: args.metrics_addr,
             probe_pretend_missing: args.probe_pretend_missing,
         }
     }

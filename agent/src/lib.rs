@@ -7,6 +7,7 @@ pub mod agent;
 pub mod config;
 pub mod control;
 pub mod identity;
+pub mod metrics;
 pub mod netns;
 pub mod proxy;
 pub mod redirect;

@@ -70,7 +70,8 @@ fn agent(lab: &Lab, config: &Path, extra: &[&str]) -> Result<Command> {
     Ok(cmd)
 }
 
-/// `cmd` (a warren binary) + `agent --node <node> --bpf-root <BAD_BPF_ROOT> --config <config> <extra…>`.
+/// `cmd` (a warren binary) + `agent --node <node> --bpf-root <BAD_BPF_ROOT> --config <config> <extra…>`,
+/// with metrics on an ephemeral loopback port (never a fixed port of the host).
 fn agent_args(mut cmd: Command, node: &str, config: &Path, extra: &[&str]) -> Command {
     cmd.args([
         "agent",
@@ -83,6 +84,9 @@ fn agent_args(mut cmd: Command, node: &str, config: &Path, extra: &[&str]) -> Co
     .arg(config)
     .args(extra)
     .env("RUST_LOG", "info");
+    if !extra.contains(&"--metrics-addr") {
+        cmd.args(["--metrics-addr", "127.0.0.1:0"]);
+    }
     cmd
 }
 
@@ -228,6 +232,20 @@ fn second_agent_for_a_node(lab: &Lab) -> Result<()> {
         cmd,
         1,
         &["port 15001 is already in use", "another warren agent"],
+    )?;
+    // With the node's metrics port (the first agent's) the busy port is that one.
+    let in_node = lab.command("node/n1", warren()?)?;
+    let mut cmd = agent_args(
+        in_node,
+        "n1",
+        &lab.config_path(),
+        &["--metrics-addr", "[::]:15020"],
+    );
+    cmd.arg("--ca-dir").arg(lab.ca_dir());
+    expect_failure(
+        cmd,
+        1,
+        &["cannot listen for metrics on [::]:15020", "another agent"],
     )?;
     let app = lab.serve("demo/server", 0, AppMode::Echo)?;
     let dst = lab.pod("demo/server").addr(Family::V4, app.port());

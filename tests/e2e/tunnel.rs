@@ -78,6 +78,7 @@ fn pooled_200_concurrent(lab: &Lab) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     let tunnels = tunnel_connections(lab, "demo/client", server_ip)?;
+    let pooled = metric(lab, "n1", "warren_hbone_pool_connections")?;
     let report = client.wait()?;
     ensure_ok(
         &report,
@@ -96,6 +97,12 @@ fn pooled_200_concurrent(lab: &Lab) -> Result<()> {
         needed + 1,
         tunnels.len(),
         tunnels.join("\n")
+    );
+    // The agent's own counter agrees: at least those, plus any idle pooled connection
+    // to another destination left by an earlier scenario.
+    ensure!(
+        pooled >= needed as u64,
+        "warren_hbone_pool_connections on n1 is {pooled} while {needed} tunnel connections were open"
     );
 
     let outbound = wait_for_records(lab, "n1", n1, dst, "outbound", PARALLEL)?;
@@ -238,6 +245,32 @@ fn echo_options(addr: SocketAddr, bytes: u64) -> ConnectOptions {
 
 /// The established TCP connections to `ip`'s tunnel port in `pod`'s netns, as `ss`
 /// lists them: the HBONE connections the pod's agent dialled for it.
+/// The value of an (unlabelled) metric on `node`'s agent (`:15020/metrics`, in the
+/// node's netns).
+fn metric(lab: &Lab, node: &str, name: &'static str) -> Result<u64> {
+    let page = lab.run_in(&format!("node/{node}"), || -> Result<String> {
+        use std::io::{Read as _, Write as _};
+        let mut stream = std::net::TcpStream::connect_timeout(
+            &"127.0.0.1:15020".parse()?,
+            Duration::from_secs(5),
+        )?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")?;
+        let mut page = String::new();
+        stream.read_to_string(&mut page)?;
+        Ok(page)
+    })??;
+    page.lines()
+        .find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .with_context(|| format!("no {name} on {node}'s metrics page:\n{page}"))
+}
+
 fn tunnel_connections(lab: &Lab, pod: &str, ip: IpAddr) -> Result<Vec<String>> {
     let dst = SocketAddr::new(ip, TUNNEL_PORT).to_string();
     let out = lab

@@ -13,7 +13,7 @@ use std::{
 use anyhow::{bail, ensure, Context as _, Result};
 use warren_lab::{AppMode, Family, Lab};
 
-use crate::support::ensure_ok;
+use crate::support::{access_record, access_records_for, ensure_ok, field};
 
 pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
     ("tunnel_refusals::random_bytes", |lab| {
@@ -41,6 +41,10 @@ pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
     (
         "tunnel_refusals::server_with_unexpected_identity",
         unexpected_server_identity,
+    ),
+    (
+        "tunnel_refusals::connect_to_a_non_local_address",
+        connect_to_a_non_local_address,
     ),
 ];
 
@@ -115,79 +119,107 @@ fn expired_certificate(lab: &Lab) -> Result<()> {
 /// `impostor`; the real server presents `…/sa/server`, a valid certificate of the mesh's
 /// CA. n1's agent must refuse to send the connection, say why, and never reach the app.
 fn unexpected_server_identity(lab: &Lab) -> Result<()> {
-    let config = lab.config_path();
-    let original = std::fs::read_to_string(&config)?;
-    ensure!(
-        original.matches("serviceAccount: server\n").count() == 1,
-        "unexpected lab.yaml:\n{original}"
-    );
-    let restore = RestoreAgentConfig {
+    with_agent_config(
         lab,
-        original: original.clone(),
-        restored: false,
+        "n1",
+        |yaml| {
+            replace_once(
+                yaml,
+                "serviceAccount: server\n",
+                "serviceAccount: impostor\n",
+            )
+        },
+        || {
+            let app = lab.serve("demo/server", 0, AppMode::Echo)?;
+            let dst = lab.pod("demo/server").addr(Family::V4, app.port());
+            let (n1, n2) = (lab.agent_log_len("n1"), lab.agent_log_len("n2"));
+            let report = lab.connect("demo/client", dst, AppMode::Echo, 1024)?;
+            ensure!(
+                !report.ok,
+                "the connection went through to a server with the wrong identity: {report:?}"
+            );
+            let record = access_record(lab, "n1", n1, "outbound", dst)?;
+            ensure!(
+                field(&record, "error").contains(
+                    "server presented spiffe://cluster.local/ns/demo/sa/server, expected spiffe://cluster.local/ns/demo/sa/impostor"
+                ),
+                "the refusal should name both identities: {record}"
+            );
+            let reached = access_records_for(lab, "n2", n2, dst)?;
+            ensure!(
+                reached.is_empty(),
+                "the server's agent delivered the connection: {reached:?}"
+            );
+            Ok(())
+        },
+    )
+}
+
+/// A CONNECT for an address that is not one of the pod's: n2's agent is told that
+/// `demo/server` has only its IPv4 address, so a tunnel for its IPv6 address — sent by n1,
+/// which still knows both — names no local workload and is refused with 404.
+fn connect_to_a_non_local_address(lab: &Lab) -> Result<()> {
+    with_agent_config(
+        lab,
+        "n2",
+        |yaml| replace_once(yaml, "  - fd00:77:2::10\n", ""),
+        || {
+            let app = lab.serve("demo/server", 0, AppMode::Echo)?;
+            let dst = lab.pod("demo/server").addr(Family::V6, app.port());
+            let (n1, n2) = (lab.agent_log_len("n1"), lab.agent_log_len("n2"));
+            let report = lab.connect("demo/client", dst, AppMode::Echo, 1024)?;
+            ensure!(
+                !report.ok,
+                "a CONNECT for a non-local address was delivered: {report:?}"
+            );
+            let inbound = access_record(lab, "n2", n2, "inbound", dst)?;
+            ensure!(
+                field(&inbound, "error").contains("404")
+                    && field(&inbound, "error").contains("is not an address of demo/server"),
+                "n2 should refuse with 404 and say why: {inbound}"
+            );
+            let outbound = access_record(lab, "n1", n1, "outbound", dst)?;
+            ensure!(
+                field(&outbound, "error").contains("refused the tunnel: 404"),
+                "n1 should log the peer's refusal: {outbound}"
+            );
+            still_serving(lab)
+        },
+    )
+}
+
+fn replace_once(text: &str, from: &str, to: &str) -> Result<String> {
+    ensure!(
+        text.matches(from).count() == 1,
+        "expected exactly one {from:?} in lab.yaml:\n{text}"
+    );
+    Ok(text.replacen(from, to, 1))
+}
+
+/// Run `body` while `node`'s agent runs with the lab's config file changed by `edit`;
+/// afterwards — also when `body` fails — the file is restored and the agent restarted
+/// with it.
+fn with_agent_config(
+    lab: &Lab,
+    node: &str,
+    edit: impl FnOnce(&str) -> Result<String>,
+    body: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    let path = lab.config_path();
+    let original = std::fs::read_to_string(&path)?;
+    let restart = || -> Result<()> {
+        if lab.agent_pid(node).is_some() {
+            lab.kill_agent(node, warren_lab::Signal::SIGTERM)?;
+        }
+        lab.start_agent(node).map(drop)
     };
-    std::fs::write(
-        &config,
-        original.replace("serviceAccount: server\n", "serviceAccount: impostor\n"),
-    )?;
-    lab.kill_agent("n1", warren_lab::Signal::SIGTERM)?;
-    lab.start_agent("n1")?;
-
-    let app = lab.serve("demo/server", 0, AppMode::Echo)?;
-    let dst = lab.pod("demo/server").addr(Family::V4, app.port());
-    let (n1, n2) = (lab.agent_log_len("n1"), lab.agent_log_len("n2"));
-    let report = lab.connect("demo/client", dst, AppMode::Echo, 1024)?;
-    ensure!(
-        !report.ok,
-        "the connection went through to a server with the wrong identity: {report:?}"
-    );
-    let record = crate::support::access_record(lab, "n1", n1, "outbound", dst)?;
-    let error = crate::support::field(&record, "error");
-    ensure!(
-        error.contains("server presented spiffe://cluster.local/ns/demo/sa/server, expected spiffe://cluster.local/ns/demo/sa/impostor"),
-        "the refusal should name both identities: {record}"
-    );
-    let reached = crate::support::access_records_for(lab, "n2", n2, dst)?;
-    ensure!(
-        reached.is_empty(),
-        "the server's agent delivered the connection: {reached:?}"
-    );
-    restore.restore()
-}
-
-/// Puts the lab's agent config back and restarts n1's agent with it, also when the
-/// scenario fails half-way.
-struct RestoreAgentConfig<'a> {
-    lab: &'a Lab,
-    original: String,
-    restored: bool,
-}
-
-impl RestoreAgentConfig<'_> {
-    fn restore(mut self) -> Result<()> {
-        self.restored = true;
-        self.put_back()
-    }
-
-    fn put_back(&self) -> Result<()> {
-        std::fs::write(self.lab.config_path(), &self.original)?;
-        if self.lab.agent_pid("n1").is_some() {
-            self.lab.kill_agent("n1", warren_lab::Signal::SIGTERM)?;
-        }
-        self.lab.start_agent("n1")?;
-        Ok(())
-    }
-}
-
-impl Drop for RestoreAgentConfig<'_> {
-    fn drop(&mut self) {
-        if self.restored {
-            return;
-        }
-        if let Err(err) = self.put_back() {
-            eprintln!("error: restoring n1's agent config: {err:#}");
-        }
-    }
+    let changed = edit(&original)
+        .and_then(|yaml| Ok(std::fs::write(&path, yaml)?))
+        .and_then(|()| restart());
+    let result = changed.and_then(|()| body());
+    std::fs::write(&path, &original)?;
+    restart().context("restarting the agent with the lab's own config")?;
+    result
 }
 
 /// `openssl s_client` from `outside` presenting `cert`; the n2 agent must refuse the

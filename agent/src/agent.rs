@@ -1,8 +1,9 @@
 //! The node agent: validate, choose a redirect mechanism, enroll the node's pods, serve.
 //!
 //! Start-up is ordered so that a bad input fails before anything is changed: the config,
-//! the pods' network namespaces and the listener ports are checked first; the kernel is
-//! touched last.
+//! the metrics port, the CA, the pods' network namespaces, listener ports and
+//! certificates come first; the kernel is touched last. Nothing before that leaves state
+//! behind (sockets close when the agent exits).
 use std::{path::PathBuf, sync::Arc};
 
 use tokio::{io::unix::AsyncFd, net::TcpListener};
@@ -163,17 +164,8 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
 
     // Then the kernel.
     let support = KernelSupport::probe(&config.bpffs, &config.probe_pretend_missing);
+    // Any missing feature (bpffs included, with the command that mounts it) stops here.
     let Mechanism::Ebpf = redirect::choose(config.redirect, &support)?;
-    if support
-        .missing
-        .iter()
-        .any(|m| m.feature == redirect::KernelFeature::Bpffs)
-    {
-        return Err(RedirectError::BpffsMissing {
-            path: config.bpffs.clone(),
-        }
-        .into());
-    }
     let cgroup_root = config
         .cgroup_root
         .clone()

@@ -93,6 +93,7 @@ pub async fn accept_loop<F, Fut>(
 
 /// Copy both ways until both sides are done, keeping half-close: when one side stops
 /// sending, the other side's write half is shut down and the reverse direction goes on.
+/// The byte counts (or the error) go into `record`.
 pub async fn relay<A, B>(downstream: &mut A, upstream: &mut B, record: &mut ConnectionRecord)
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,

@@ -1,13 +1,10 @@
 //! Redirection: steering an enrolled pod's TCP into the agent's listeners in that pod.
 //!
-//! Two mechanisms share one contract — enroll a pod, tell the proxy where a captured
-//! outbound connection was going — so the proxy does not care which one runs:
-//! eBPF (`ebpf`, the default where the kernel has what it needs) and iptables (fallback,
-//! not built yet).
+//! Built: eBPF (`ebpf`). The proxy learns where a captured outbound connection was going
+//! from [`ebpf::OriginalDstTable`]; the iptables fallback (not built yet) will answer the
+//! same question from `SO_ORIGINAL_DST`, behind the same call.
 pub mod ebpf;
 pub mod probe;
-
-use std::{net::SocketAddr, path::PathBuf};
 
 pub use probe::{KernelFeature, KernelSupport};
 
@@ -36,12 +33,8 @@ pub enum RedirectError {
     IptablesNotYetSupported,
     #[error("the kernel lacks {missing}, so eBPF redirection is impossible, and the iptables fallback is not yet supported by this build of warren; run on a kernel with these features")]
     NoMechanism { missing: String },
-    #[error("bpffs is not mounted at {path}: mount it with `mount -t bpf bpf {path}` (in Kubernetes, mount the host's /sys/fs/bpf into the agent)")]
-    BpffsMissing { path: PathBuf },
     #[error(transparent)]
     Ebpf(#[from] ebpf::EbpfError),
-    #[error("no original destination recorded for connection from {peer}: the connection did not come through warren's redirection")]
-    NoOriginalDst { peer: SocketAddr },
 }
 
 /// Pick the mechanism for `mode` given what the kernel supports; log why.

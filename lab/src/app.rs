@@ -120,13 +120,9 @@ mod tests {
 
     fn run(mode: AppMode, udp: bool, addr: SocketAddr, bytes: u64) -> ConnectReport {
         connect(&ConnectOptions {
-            addr,
-            mode,
-            bytes,
             udp,
             timeout: Duration::from_secs(5),
-            source_port: None,
-            marker: None,
+            ..ConnectOptions::tcp(addr, mode, bytes)
         })
     }
 
@@ -178,13 +174,8 @@ mod tests {
         // A greet client against an echo server times out waiting for the greeting.
         let port = start(AppMode::Echo, false);
         let report = connect(&ConnectOptions {
-            addr: (Ipv4Addr::LOCALHOST, port).into(),
-            mode: AppMode::Greet,
-            bytes: 10,
-            udp: false,
             timeout: Duration::from_millis(300),
-            source_port: None,
-            marker: None,
+            ..ConnectOptions::tcp((Ipv4Addr::LOCALHOST, port).into(), AppMode::Greet, 10)
         });
         assert!(
             !report.ok && report.detail.contains("timed out"),
@@ -208,13 +199,8 @@ mod tests {
 
     fn options(addr: SocketAddr, mode: AppMode, bytes: u64) -> ConnectOptions {
         ConnectOptions {
-            addr,
-            mode,
-            bytes,
-            udp: false,
             timeout: Duration::from_secs(10),
-            source_port: None,
-            marker: None,
+            ..ConnectOptions::tcp(addr, mode, bytes)
         }
     }
 

@@ -411,18 +411,7 @@ impl Lab {
         mode: AppMode,
         bytes: u64,
     ) -> Result<ConnectReport> {
-        self.connect_with(
-            target,
-            &ConnectOptions {
-                addr,
-                mode,
-                bytes,
-                udp: false,
-                timeout: app::DEFAULT_TIMEOUT,
-                source_port: None,
-                marker: None,
-            },
-        )
+        self.connect_with(target, &ConnectOptions::tcp(addr, mode, bytes))
     }
 
     /// Run `lab-app connect` with every option.

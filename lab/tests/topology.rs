@@ -108,15 +108,7 @@ fn topology_connects_what_it_should() -> Result<()> {
 
     let report = lab.connect_with(
         "outside",
-        &ConnectOptions {
-            addr: lab.pod("demo/peer").addr(Family::V6, udp.port()),
-            mode: AppMode::Echo,
-            bytes: 1200,
-            udp: true,
-            timeout: warren_lab::app::DEFAULT_TIMEOUT,
-            source_port: None,
-            marker: None,
-        },
+        &ConnectOptions::udp(lab.pod("demo/peer").addr(Family::V6, udp.port()), 1200),
     )?;
     ensure!(report.ok, "UDP outside -> demo/peer failed: {report:?}");
 

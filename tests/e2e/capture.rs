@@ -93,13 +93,8 @@ fn udp_is_untouched(lab: &Lab) -> Result<()> {
             let report = lab.connect_with(
                 "demo/client",
                 &ConnectOptions {
-                    addr: dst,
-                    mode: AppMode::Echo,
-                    bytes: 512,
-                    udp: true,
                     timeout: std::time::Duration::from_secs(5),
-                    source_port: None,
-                    marker: None,
+                    ..ConnectOptions::udp(dst, 512)
                 },
             )?;
             ensure_ok(&report, &format!("UDP to {dst}"))?;
@@ -215,13 +210,9 @@ fn same_loopback_tuple_in_two_pods(lab: &Lab) -> Result<()> {
     let to_server = lab.pod("demo/server").addr(Family::V4, server.port());
     let to_outside = std::net::SocketAddr::new(lab.outside_ip(Family::V4), outside.port());
     let options = |addr| ConnectOptions {
-        addr,
-        mode: AppMode::Sha,
-        bytes: 1 << 16,
-        udp: false,
         timeout: std::time::Duration::from_secs(30),
         source_port: Some(SOURCE_PORT),
-        marker: None,
+        ..ConnectOptions::tcp(addr, AppMode::Sha, 1 << 16)
     };
 
     let (n1_offset, n2_offset) = (lab.agent_log_len("n1"), lab.agent_log_len("n2"));

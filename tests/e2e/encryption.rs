@@ -33,15 +33,7 @@ fn send_marker(
     let capture = lab.capture("tcp")?;
     let report = lab.connect_with(
         from,
-        &ConnectOptions {
-            addr,
-            mode: AppMode::Sha,
-            bytes: 256 * 1024,
-            udp: false,
-            timeout: warren_lab::app::DEFAULT_TIMEOUT,
-            source_port: None,
-            marker: Some(marker.to_owned()),
-        },
+        &ConnectOptions::tcp(addr, AppMode::Sha, 256 * 1024).with_marker(marker),
     )?;
     ensure_ok(&report, &format!("{from} → {addr} with a marker"))?;
     Ok((capture.stop()?, app.port()))

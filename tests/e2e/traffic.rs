@@ -55,26 +55,18 @@ fn carried(lab: &Lab, client: &str, server: &str, family: Family) -> Result<()> 
             "connection not ok: {record}"
         );
         ensure!(record["bytes_sent"] == BIG, "byte count wrong: {record}");
-        ensure!(
-            field(record, "security") == "mutual_tls",
-            "not tunnelled: {record}"
-        );
-        ensure!(
-            field(record, "src_identity") == client_identity,
-            "source identity wrong: {record}"
-        );
-        ensure!(
-            field(record, "dst_identity") == server_identity,
-            "destination identity wrong: {record}"
-        );
-        ensure!(
-            field(record, "src_addr") == client_ip,
-            "source address should be {client_ip}: {record}"
-        );
-        ensure!(
-            field(record, "src_workload") == client,
-            "source workload wrong: {record}"
-        );
+        for (key, expected) in [
+            ("security", "mutual_tls"),
+            ("src_identity", client_identity.as_str()),
+            ("dst_identity", server_identity.as_str()),
+            ("src_addr", client_ip.as_str()),
+            ("src_workload", client),
+        ] {
+            ensure!(
+                field(record, key) == expected,
+                "{key} should be {expected}: {record}"
+            );
+        }
     }
     ensure!(
         outbound["connection_id"] == inbound["connection_id"]

@@ -232,15 +232,7 @@ fn long_stream_survives_certificate_renewals(lab: &Lab) -> Result<()> {
 }
 
 fn echo_options(addr: SocketAddr, bytes: u64) -> ConnectOptions {
-    ConnectOptions {
-        addr,
-        mode: AppMode::Echo,
-        bytes,
-        udp: false,
-        timeout: warren_lab::app::DEFAULT_TIMEOUT,
-        source_port: None,
-        marker: None,
-    }
+    ConnectOptions::tcp(addr, AppMode::Echo, bytes)
 }
 
 /// The established TCP connections to `ip`'s tunnel port in `pod`'s netns, as `ss`

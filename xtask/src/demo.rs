@@ -142,15 +142,7 @@ fn wire_proof(lab: &Lab) -> Result<usize> {
         let capture = lab.capture("tcp")?;
         let report = lab.connect_with(
             from,
-            &ConnectOptions {
-                addr,
-                mode: AppMode::Sha,
-                bytes: 64 * 1024,
-                udp: false,
-                timeout: warren_lab::app::DEFAULT_TIMEOUT,
-                source_port: None,
-                marker: Some(marker.clone()),
-            },
+            &ConnectOptions::tcp(addr, AppMode::Sha, 64 * 1024).with_marker(&marker),
         )?;
         let captured = capture.stop()?;
         let clear = captured.contains(marker.as_bytes());

@@ -48,6 +48,36 @@ pub struct ConnectOptions {
     pub marker: Option<String>,
 }
 
+impl ConnectOptions {
+    /// A TCP exchange of `bytes` in `mode` with `addr`, with the default timeout and
+    /// nothing else special; set the other fields on the result where needed.
+    pub fn tcp(addr: SocketAddr, mode: AppMode, bytes: u64) -> ConnectOptions {
+        ConnectOptions {
+            addr,
+            mode,
+            bytes,
+            udp: false,
+            timeout: DEFAULT_TIMEOUT,
+            source_port: None,
+            marker: None,
+        }
+    }
+
+    /// One UDP datagram of `bytes` to `addr`, awaiting its echo.
+    pub fn udp(addr: SocketAddr, bytes: u64) -> ConnectOptions {
+        ConnectOptions {
+            udp: true,
+            ..ConnectOptions::tcp(addr, AppMode::Echo, bytes)
+        }
+    }
+
+    /// The same with a marker text as the payload.
+    pub fn with_marker(mut self, marker: impl Into<String>) -> ConnectOptions {
+        self.marker = Some(marker.into());
+        self
+    }
+}
+
 /// How `lab-app connect` spreads its work over connections and time (TCP only). Kept
 /// apart from [`ConnectOptions`] so that the code that builds that struct field by
 /// field (the demo, the tests) keeps compiling as these grow.

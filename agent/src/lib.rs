@@ -9,6 +9,7 @@ pub mod control;
 pub mod identity;
 pub mod metrics;
 pub mod netns;
+pub mod policy;
 pub mod proxy;
 pub mod redirect;
 pub mod socket;

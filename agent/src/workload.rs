@@ -1,6 +1,12 @@
 //! The workload model: what the agent knows about pods, whatever the source (local file
 //! now, Kubernetes later).
-use std::{collections::HashMap, fmt, net::IpAddr, path::PathBuf, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::IpAddr,
+    path::PathBuf,
+    sync::Arc,
+};
 
 use crate::identity::{Identity, IdentityError};
 
@@ -10,6 +16,8 @@ pub struct Workload {
     pub namespace: String,
     pub name: String,
     pub service_account: String,
+    /// The pod's labels: what `selector.matchLabels` of a policy is matched against.
+    pub labels: BTreeMap<String, String>,
     pub node: String,
     pub ips: Vec<IpAddr>,
     /// Path of the pod's network namespace (e.g. `/run/netns/<name>` or `/proc/<pid>/ns/net`).

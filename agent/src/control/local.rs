@@ -6,13 +6,14 @@
 //! - name: client
 //!   namespace: demo
 //!   serviceAccount: client
+//!   labels: {app: client}          # optional; what policy selectors match
 //!   node: n1
 //!   ips: ["10.77.1.10", "fd00:77:1::10"]
 //!   netns: /run/netns/warren-n1-demo-client
 //!   cgroup: /sys/fs/cgroup/unified/warren-lab/n1/demo-client
 //! ```
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -54,6 +55,8 @@ struct WorkloadSpec {
     namespace: String,
     #[serde(default = "default_service_account")]
     service_account: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
     node: String,
     #[serde(default)]
     ips: Vec<IpAddr>,
@@ -122,6 +125,7 @@ impl LocalConfig {
                 namespace: spec.namespace,
                 name: spec.name,
                 service_account: spec.service_account,
+                labels: spec.labels,
                 node: spec.node,
                 ips: spec.ips.into_iter().map(|ip| ip.to_canonical()).collect(),
                 netns: spec.netns,
@@ -154,6 +158,9 @@ workloads:
 - name: client
   namespace: demo
   serviceAccount: client
+  labels:
+    app: client
+    version: "1"
   node: n1
   ips: ["10.77.1.10", "fd00:77:1::10"]
   netns: /run/netns/warren-n1-demo-client
@@ -190,6 +197,19 @@ workloads:
             .collect();
         assert_eq!(n2, ["demo/server"]);
         assert_eq!(config.workloads[1].service_account, "default");
+    }
+
+    #[test]
+    fn labels_are_optional() {
+        let config = parse(SAMPLE).unwrap();
+        let client = &config.workloads[0].labels;
+        assert_eq!(client.get("app").map(String::as_str), Some("client"));
+        assert_eq!(client.get("version").map(String::as_str), Some("1"));
+        assert!(config.workloads[1].labels.is_empty());
+        let err = parse(&SAMPLE.replace("app: client", "app: [client]"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("labels"), "{err}");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! the metrics port, the CA, the pods' network namespaces, listener ports and
 //! certificates come first; the kernel is touched last. Nothing before that leaves state
 //! behind (sockets close when the agent exits).
-use std::{path::PathBuf, sync::Arc};
+use std::{collections::HashSet, net::IpAddr, path::PathBuf, sync::Arc};
 
 use tokio::{io::unix::AsyncFd, net::TcpListener};
 use warren_common::{INBOUND_PLAINTEXT_PORT, INBOUND_TUNNEL_PORT, OUTBOUND_PORT};
@@ -15,6 +15,7 @@ use crate::{
     identity::{CaError, CertificateAuthority, IdentityError, SecretManager},
     metrics::{self, Metrics},
     netns::{Netns, NetnsError},
+    policy::{PolicyConfig, PolicyError, PolicySet},
     proxy::{self, hbone, Pod, ProxyContext},
     redirect::{
         self,
@@ -62,6 +63,8 @@ pub enum AgentError {
     Ca(#[from] CaError),
     #[error(transparent)]
     Metrics(#[from] metrics::MetricsError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
     #[error("workload {workload} has no valid identity: {source}")]
     Identity {
         workload: String,
@@ -90,6 +93,14 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let local = LocalConfig::load(&config.config_file)?;
     let workloads = local.enrolled_on(&config.node);
 
+    let policy_config = PolicyConfig {
+        root_namespace: config.root_namespace.clone(),
+    };
+    let policy = match &config.policy {
+        Some(path) => PolicySet::load(policy_config, path)?,
+        None => PolicySet::new(policy_config, []),
+    };
+    policy.log_warnings();
     let metrics_listener = metrics::bind(config.metrics_addr).await?;
 
     // Identity: the CA must be usable and every local identity gets its certificate
@@ -199,13 +210,16 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let pool = hbone::Pool::new(hbone::PoolConfig::default());
     let metrics = Arc::new(Metrics::new(pool.clone())?);
     metrics.set_enrolled_pods(prepared.len());
-    tokio::spawn(metrics::serve(metrics_listener, metrics));
+    tokio::spawn(metrics::serve(metrics_listener, metrics.clone()));
     let ctx = Arc::new(ProxyContext {
         workloads: WorkloadIndex::new(local.workloads.iter().cloned()),
         original_dst,
         trust_domain: config.trust_domain.clone(),
         secrets,
         pool,
+        policy,
+        node_ips: node_addresses(),
+        metrics,
     });
     let names: Vec<String> = prepared
         .iter()
@@ -247,6 +261,30 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     tracing::info!("shutting down; redirection stays pinned, so captured pods fail closed until an agent returns");
     drop(ebpf);
     Ok(())
+}
+
+/// The node's own addresses (the agent runs in the node's netns). Connections from them
+/// to a pod are the node's — kubelet's health probes — and are let through whatever the
+/// pod's mTLS mode, without rewriting any address.
+fn node_addresses() -> HashSet<IpAddr> {
+    let addresses = match nix::ifaddrs::getifaddrs() {
+        Ok(addresses) => addresses,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot list the node's addresses; health probes from the node will be treated as any other plaintext client");
+            return HashSet::new();
+        }
+    };
+    addresses
+        .filter_map(|ifaddr| {
+            let address = ifaddr.address?;
+            if let Some(v4) = address.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .filter(|ip| !ip.is_loopback())
+        .collect()
 }
 
 /// Relay log records of the kernel programs (aya-log) into the agent's log.

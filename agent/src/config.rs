@@ -49,6 +49,15 @@ pub struct AgentArgs {
     #[arg(long, env = "WARREN_CERT_LIFETIME", value_parser = humantime::parse_duration, default_value = "24h")]
     pub cert_lifetime: Duration,
 
+    /// Istio security policy (PeerAuthentication, AuthorizationPolicy): a YAML file or a
+    /// directory of them. Read at start-up.
+    #[arg(long, env = "WARREN_POLICY", value_name = "PATH")]
+    pub policy: Option<PathBuf>,
+
+    /// The mesh's root namespace: policies there apply mesh-wide (Istio's istio-system).
+    #[arg(long, env = "WARREN_ROOT_NAMESPACE", default_value = crate::policy::DEFAULT_ROOT_NAMESPACE)]
+    pub root_namespace: String,
+
     /// Where to serve Prometheus metrics (`/metrics`), in the agent's own netns.
     #[arg(
         long,
@@ -78,6 +87,8 @@ pub struct Config {
     pub ca_dir: PathBuf,
     pub cert_lifetime: Duration,
     pub metrics_addr: std::net::SocketAddr,
+    pub policy: Option<PathBuf>,
+    pub root_namespace: String,
     pub probe_pretend_missing: Vec<KernelFeature>,
 }
 
@@ -94,6 +105,8 @@ impl From<AgentArgs> for Config {
             ca_dir: args.ca_dir,
             cert_lifetime: args.cert_lifetime,
             metrics_addr: args.metrics_addr,
+            policy: args.policy,
+            root_namespace: args.root_namespace,
             probe_pretend_missing: args.probe_pretend_missing,
         }
     }

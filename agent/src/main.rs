@@ -38,7 +38,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the node agent: capture the node's enrolled pods and carry their traffic.
-    Agent(warren::config::AgentArgs),
+    Agent(Box<warren::config::AgentArgs>),
     /// Manage the certificate authority that signs workload certificates.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -94,7 +94,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(warren::agent::run(args.into())) {
+            match runtime.block_on(warren::agent::run((*args).into())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     tracing::error!("{err}");

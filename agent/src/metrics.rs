@@ -7,7 +7,7 @@ use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 use http_body_util::Full;
 use hyper::{body::Bytes, service::service_fn, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use prometheus::{Encoder as _, IntGauge, Registry, TextEncoder};
+use prometheus::{Encoder as _, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 use tokio::net::TcpListener;
 
 use crate::proxy::hbone;
@@ -28,6 +28,7 @@ pub struct Metrics {
     registry: Registry,
     enrolled_pods: IntGauge,
     pool_connections: IntGauge,
+    policy_refusals: IntCounterVec,
     pool: hbone::Pool,
 }
 
@@ -42,14 +43,32 @@ impl Metrics {
             "warren_hbone_pool_connections",
             "Open outbound HBONE (HTTP/2 over mTLS) connections, shared by the tunnelled streams.",
         )?;
+        // Bounded cardinality: one series per policy object (and its kind).
+        let policy_refusals = IntCounterVec::new(
+            Opts::new(
+                "warren_policy_refusals_total",
+                "Connections refused by a security policy.",
+            ),
+            &["kind", "policy"],
+        )?;
+        registry.register(Box::new(policy_refusals.clone()))?;
         registry.register(Box::new(enrolled_pods.clone()))?;
         registry.register(Box::new(pool_connections.clone()))?;
         Ok(Self {
             registry,
             enrolled_pods,
             pool_connections,
+            policy_refusals,
             pool,
         })
+    }
+
+    /// Count a connection refused by `policy`.
+    pub fn count_refusal(&self, policy: &crate::policy::PolicyRef) {
+        let kind = format!("{:?}", policy.kind());
+        self.policy_refusals
+            .with_label_values(&[kind.as_str(), policy.to_string().as_str()])
+            .inc();
     }
 
     pub fn set_enrolled_pods(&self, pods: usize) {

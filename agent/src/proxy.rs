@@ -11,7 +11,12 @@ pub mod inbound;
 pub mod inbound_passthrough;
 pub mod outbound;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashSet,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use tokio::net::{TcpListener, TcpStream};
 
@@ -20,7 +25,9 @@ use warren_common::{INBOUND_PLAINTEXT_PORT, INBOUND_TUNNEL_PORT, OUTBOUND_PORT};
 
 use crate::{
     identity::{Identity, SecretManager},
+    metrics::Metrics,
     netns::Netns,
+    policy::{PolicyRef, PolicySet},
     redirect::ebpf::OriginalDstTable,
     workload::{Workload, WorkloadIndex},
 };
@@ -33,6 +40,11 @@ pub struct ProxyContext {
     pub secrets: Arc<SecretManager>,
     /// Outbound HBONE connections, shared by all pods (keyed by source pod).
     pub pool: hbone::Pool,
+    /// PeerAuthentication and AuthorizationPolicy, evaluated at the destination.
+    pub policy: PolicySet,
+    /// The node's own addresses: connections from them are the node's health probes.
+    pub node_ips: HashSet<IpAddr>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// An enrolled pod as the proxy sees it.
@@ -63,6 +75,26 @@ pub fn is_agent_port(port: u16) -> bool {
         port,
         OUTBOUND_PORT | INBOUND_PLAINTEXT_PORT | INBOUND_TUNNEL_PORT
     )
+}
+
+/// Record and count a refusal by a security policy.
+pub fn refused_by_policy(
+    ctx: &ProxyContext,
+    record: &mut ConnectionRecord,
+    policy: &PolicyRef,
+    reason: &str,
+) {
+    record.outcome = Err(format!("denied by {policy:?}: {reason}"));
+    ctx.metrics.count_refusal(policy);
+}
+
+/// Close `stream` with a reset (RST), as a refused connection should be: the client sees
+/// "connection reset", not a clean end of stream.
+pub fn reset(stream: TcpStream) {
+    if let Err(err) = stream.set_zero_linger() {
+        tracing::debug!(error = %err, "cannot set SO_LINGER 0; the refused connection ends with FIN");
+    }
+    drop(stream);
 }
 
 /// Accept forever on `listener`, handing each connection to `handle`.

@@ -38,6 +38,8 @@ pub struct Launch<'a> {
     pub redirect: RedirectMode,
     /// `--ca-dir`: the lab's CA.
     pub ca_dir: &'a Path,
+    /// `--policy`: the directory of Istio policy documents.
+    pub policy_dir: &'a Path,
     /// `--cert-lifetime`, when not the agent's default.
     pub cert_lifetime: Option<Duration>,
     /// Log file, appended to.
@@ -55,7 +57,9 @@ impl Launch<'_> {
             .args(["--redirect", self.redirect.as_str()])
             .args(["--bpf-root", BPF_PIN_ROOT])
             .arg("--ca-dir")
-            .arg(self.ca_dir);
+            .arg(self.ca_dir)
+            .arg("--policy")
+            .arg(self.policy_dir);
         if let Some(lifetime) = self.cert_lifetime {
             cmd.args(["--cert-lifetime", &cert_lifetime_arg(lifetime)]);
         }
@@ -218,6 +222,7 @@ mod tests {
             config: &path,
             redirect: RedirectMode::Ebpf,
             ca_dir: &path,
+            policy_dir: &path,
             log: &path,
             cert_lifetime,
         };

@@ -172,6 +172,8 @@ impl Lab {
                 if let Some(binary) = &lab.state_or_cached().agent_binary {
                     agent::init_ca(&binary.path, &dir.ca())?;
                 }
+                fs::create_dir_all(dir.policies())
+                    .with_context(|| format!("creating {}", dir.policies().display()))?;
                 if mounts::ensure_bpffs()? {
                     eprintln!("lab: mounted bpffs at {}", mounts::BPFFS);
                 }
@@ -506,6 +508,12 @@ impl Lab {
         )
     }
 
+    /// The directory of Istio policy YAML (PeerAuthentication, AuthorizationPolicy) every
+    /// agent reads at start-up.
+    pub fn policy_dir(&self) -> PathBuf {
+        self.dir.policies()
+    }
+
     /// The lab's CA directory (Istio's plug-in CA layout), which signs the agents'
     /// workload certificates.
     pub fn ca_dir(&self) -> PathBuf {
@@ -568,6 +576,7 @@ impl Lab {
             config: &self.dir.config(),
             redirect,
             ca_dir: &self.dir.ca(),
+            policy_dir: &self.dir.policies(),
             log: &log,
             cert_lifetime: state.cert_lifetime,
         })?;

@@ -47,6 +47,10 @@ impl RuntimeDir {
     pub fn config(&self) -> PathBuf {
         self.root.join("lab.yaml")
     }
+    /// The directory of Istio policy YAML the agents read (`--policy`).
+    pub fn policies(&self) -> PathBuf {
+        self.root.join("policies")
+    }
     /// The lab's certificate authority (`warren ca init`), shared by the agents.
     pub fn ca(&self) -> PathBuf {
         self.root.join("ca")

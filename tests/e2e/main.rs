@@ -8,6 +8,7 @@
 mod bad_input;
 mod capture;
 mod encryption;
+mod policy;
 mod support;
 mod traffic;
 mod tunnel;
@@ -37,6 +38,7 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
     all.extend(encryption::SCENARIOS);
     all.extend(tunnel::SCENARIOS);
     all.extend(tunnel_refusals::SCENARIOS);
+    all.extend(policy::SCENARIOS);
     all.extend(bad_input::SCENARIOS);
     all
 }

@@ -98,3 +98,30 @@ pub fn agent_log_tails(lab: &Lab) -> String {
     }
     out
 }
+
+/// `node`'s agent's Prometheus page (`:15020/metrics`, in the node's netns).
+pub fn metrics_page(lab: &Lab, node: &str) -> Result<String> {
+    lab.run_in(&format!("node/{node}"), || -> Result<String> {
+        use std::io::{Read as _, Write as _};
+        let mut stream = std::net::TcpStream::connect_timeout(
+            &"127.0.0.1:15020".parse()?,
+            Duration::from_secs(5),
+        )?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")?;
+        let mut page = String::new();
+        stream.read_to_string(&mut page)?;
+        Ok(page)
+    })?
+}
+
+/// The value of `series` (a name, with its labels as Prometheus prints them) on `page`.
+pub fn metric_value(page: &str, series: &str) -> Option<u64> {
+    page.lines().find_map(|line| {
+        line.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}

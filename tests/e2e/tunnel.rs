@@ -237,30 +237,11 @@ fn echo_options(addr: SocketAddr, bytes: u64) -> ConnectOptions {
 
 /// The established TCP connections to `ip`'s tunnel port in `pod`'s netns, as `ss`
 /// lists them: the HBONE connections the pod's agent dialled for it.
-/// The value of an (unlabelled) metric on `node`'s agent (`:15020/metrics`, in the
-/// node's netns).
-fn metric(lab: &Lab, node: &str, name: &'static str) -> Result<u64> {
-    let page = lab.run_in(&format!("node/{node}"), || -> Result<String> {
-        use std::io::{Read as _, Write as _};
-        let mut stream = std::net::TcpStream::connect_timeout(
-            &"127.0.0.1:15020".parse()?,
-            Duration::from_secs(5),
-        )?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")?;
-        let mut page = String::new();
-        stream.read_to_string(&mut page)?;
-        Ok(page)
-    })??;
-    page.lines()
-        .find_map(|line| {
-            line.strip_prefix(name)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .with_context(|| format!("no {name} on {node}'s metrics page:\n{page}"))
+/// The value of a metric series on `node`'s agent.
+fn metric(lab: &Lab, node: &str, series: &str) -> Result<u64> {
+    let page = crate::support::metrics_page(lab, node)?;
+    crate::support::metric_value(&page, series)
+        .with_context(|| format!("no {series} on {node}'s metrics page:\n{page}"))
 }
 
 fn tunnel_connections(lab: &Lab, pod: &str, ip: IpAddr) -> Result<Vec<String>> {

@@ -11,8 +11,9 @@ use tokio_rustls::TlsAcceptor;
 use super::{
     access_log::{new_connection_id, ConnectionRecord, Direction, Security},
     hbone::{self, InboundRequest},
-    is_agent_port, relay, Pod, ProxyContext,
+    is_agent_port, refused_by_policy, relay, Pod, ProxyContext,
 };
+use crate::policy::{ConnectionInfo, Decision};
 use crate::{identity::Identity, socket::connect_from, tls};
 
 /// A peer that has not finished the TLS handshake by then is dropped (slowloris).
@@ -78,6 +79,12 @@ async fn stream(
     record.dst_workload = Some(pod.workload.to_string());
     record.dst_identity = Some(pod.identity.to_string());
 
+    let connection = ConnectionInfo {
+        source_ip: src_ip,
+        source_identity: Some(peer_identity.clone()),
+        destination_ip: dst.ip(),
+        destination_port: dst.port(),
+    };
     let refusal = if !pod.workload.ips.contains(&dst.ip()) {
         Some((
             StatusCode::NOT_FOUND,
@@ -88,6 +95,13 @@ async fn stream(
             StatusCode::FORBIDDEN,
             format!("{dst} is one of the agent's own ports"),
         ))
+    } else if let Decision::Deny { policy, reason } =
+        ctx.policy.authorize(&pod.workload, &connection)
+    {
+        refused_by_policy(&ctx, &mut record, &policy, &reason);
+        request.refuse(StatusCode::FORBIDDEN, &format!("denied by {policy:?}"));
+        record.emit();
+        return;
     } else {
         None
     };

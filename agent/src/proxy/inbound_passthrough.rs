@@ -1,13 +1,16 @@
 //! 15006: plain TCP to a pod's address, steered here by sk_lookup, is delivered to the app
-//! at the address the client dialled. (PERMISSIVE; STRICT will refuse it.)
+//! at the address the client dialled — unless the pod's mTLS mode is STRICT or an
+//! AuthorizationPolicy denies it, in which case it is reset. Connections from the node
+//! itself (kubelet's health probes) are always delivered.
 use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpStream;
 
 use super::{
     access_log::{new_connection_id, ConnectionRecord, Direction},
-    is_agent_port, relay, Pod, ProxyContext,
+    is_agent_port, refused_by_policy, relay, reset, Pod, ProxyContext,
 };
+use crate::policy::{ConnectionInfo, Decision, PolicyRef};
 use crate::socket::connect_from;
 
 pub async fn handle(
@@ -28,6 +31,14 @@ pub async fn handle(
     record.src_workload = ctx.workloads.by_ip(peer.ip()).map(|w| w.to_string());
     record.dst_workload = Some(pod.workload.to_string());
     record.dst_identity = Some(pod.identity.to_string());
+    if !ctx.node_ips.contains(&peer.ip()) {
+        if let Some((policy, reason)) = refusal(&ctx, &pod, peer, dst) {
+            refused_by_policy(&ctx, &mut record, &policy, &reason);
+            record.emit();
+            reset(downstream);
+            return;
+        }
+    }
     if is_agent_port(dst.port()) {
         record.outcome = Err(format!(
             "refused: {dst} is one of the agent's own ports (loop)"
@@ -41,4 +52,36 @@ pub async fn handle(
         Err(err) => record.outcome = Err(err.to_string()),
     }
     record.emit();
+}
+
+/// Why policy refuses this plaintext connection, if it does: STRICT mTLS first, then
+/// authorization (a plaintext client has no identity).
+fn refusal(
+    ctx: &ProxyContext,
+    pod: &Pod,
+    peer: SocketAddr,
+    dst: SocketAddr,
+) -> Option<(PolicyRef, String)> {
+    let (mode, peer_authentication) = ctx.policy.mtls_mode(&pod.workload, dst.port());
+    if !mode.allows_plaintext() {
+        if let Some(policy) = peer_authentication {
+            return Some((
+                policy,
+                format!(
+                    "plaintext refused: mTLS mode is {mode:?} for port {}",
+                    dst.port()
+                ),
+            ));
+        }
+    }
+    let connection = ConnectionInfo {
+        source_ip: peer.ip(),
+        source_identity: None,
+        destination_ip: dst.ip(),
+        destination_port: dst.port(),
+    };
+    match ctx.policy.authorize(&pod.workload, &connection) {
+        Decision::Allow => None,
+        Decision::Deny { policy, reason } => Some((policy, reason)),
+    }
 }

@@ -79,12 +79,6 @@ async fn stream(
     record.dst_workload = Some(pod.workload.to_string());
     record.dst_identity = Some(pod.identity.to_string());
 
-    let connection = ConnectionInfo {
-        source_ip: src_ip,
-        source_identity: Some(peer_identity.clone()),
-        destination_ip: dst.ip(),
-        destination_port: dst.port(),
-    };
     let refusal = if !pod.workload.ips.contains(&dst.ip()) {
         Some((
             StatusCode::NOT_FOUND,
@@ -95,19 +89,24 @@ async fn stream(
             StatusCode::FORBIDDEN,
             format!("{dst} is one of the agent's own ports"),
         ))
-    } else if let Decision::Deny { policy, reason } =
-        ctx.policy.authorize(&pod.workload, &connection)
-    {
-        refused_by_policy(&ctx, &mut record, &policy, &reason);
-        request.refuse(StatusCode::FORBIDDEN, &format!("denied by {policy:?}"));
-        record.emit();
-        return;
     } else {
         None
     };
     if let Some((status, reason)) = refusal {
         request.refuse(status, &reason);
         record.outcome = Err(format!("refused ({status}): {reason}"));
+        record.emit();
+        return;
+    }
+    let connection = ConnectionInfo {
+        source_ip: src_ip,
+        source_identity: Some(peer_identity),
+        destination_ip: dst.ip(),
+        destination_port: dst.port(),
+    };
+    if let Decision::Deny { policy, reason } = ctx.policy.authorize(&pod.workload, &connection) {
+        refused_by_policy(&ctx, &mut record, &policy, &reason);
+        request.refuse(StatusCode::FORBIDDEN, &format!("denied by {policy:?}"));
         record.emit();
         return;
     }

@@ -15,7 +15,7 @@ use crate::{
     identity::{CaError, CertificateAuthority, IdentityError, SecretManager},
     metrics::{self, Metrics},
     netns::{Netns, NetnsError},
-    policy::{PolicyConfig, PolicyError, PolicySet},
+    policy::{self, PolicyConfig, PolicyError, PolicySet, SharedPolicy},
     proxy::{self, hbone, Pod, ProxyContext},
     redirect::{
         self,
@@ -97,10 +97,11 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         root_namespace: config.root_namespace.clone(),
     };
     let policy = match &config.policy {
-        Some(path) => PolicySet::load(policy_config, path)?,
-        None => PolicySet::new(policy_config, []),
+        Some(path) => PolicySet::load(policy_config.clone(), path)?,
+        None => PolicySet::new(policy_config.clone(), []),
     };
     policy.log_warnings();
+    let policy = SharedPolicy::new(policy);
     let metrics_listener = metrics::bind(config.metrics_addr).await?;
 
     // Identity: the CA must be usable and every local identity gets its certificate
@@ -211,6 +212,13 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let metrics = Arc::new(Metrics::new(pool.clone())?);
     metrics.set_enrolled_pods(prepared.len());
     tokio::spawn(metrics::serve(metrics_listener, metrics.clone()));
+    if let Some(path) = &config.policy {
+        tokio::spawn(policy::watch::watch(
+            path.clone(),
+            policy_config,
+            policy.clone(),
+        ));
+    }
     let ctx = Arc::new(ProxyContext {
         workloads: WorkloadIndex::new(local.workloads.iter().cloned()),
         original_dst,

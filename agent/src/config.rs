@@ -50,7 +50,8 @@ pub struct AgentArgs {
     pub cert_lifetime: Duration,
 
     /// Istio security policy (PeerAuthentication, AuthorizationPolicy): a YAML file or a
-    /// directory of them. Read at start-up.
+    /// directory of them. Re-read when it changes; a file that does not decode is refused
+    /// and the policy in force stays.
     #[arg(long, env = "WARREN_POLICY", value_name = "PATH")]
     pub policy: Option<PathBuf>,
 

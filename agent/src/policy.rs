@@ -47,6 +47,7 @@
 //!   one, and ties keep the order the policies were given in (file name, then document).
 pub mod decode;
 pub mod model;
+pub mod watch;
 
 mod authorization;
 mod peer_authentication;
@@ -57,6 +58,7 @@ pub use decode::{decode_str, load_path, InvalidDocument, PolicyError};
 pub use model::{
     Action, AuthorizationPolicy, PeerAuthentication, PeerAuthenticationMode, Policy, PolicyMeta,
 };
+pub use watch::SharedPolicy;
 
 use crate::{identity::Identity, workload::Workload};
 

@@ -27,7 +27,7 @@ use crate::{
     identity::{Identity, SecretManager},
     metrics::Metrics,
     netns::Netns,
-    policy::{PolicyRef, PolicySet},
+    policy::{PolicyRef, SharedPolicy},
     redirect::ebpf::OriginalDstTable,
     workload::{Workload, WorkloadIndex},
 };
@@ -40,8 +40,9 @@ pub struct ProxyContext {
     pub secrets: Arc<SecretManager>,
     /// Outbound HBONE connections, shared by all pods (keyed by source pod).
     pub pool: hbone::Pool,
-    /// PeerAuthentication and AuthorizationPolicy, evaluated at the destination.
-    pub policy: PolicySet,
+    /// PeerAuthentication and AuthorizationPolicy, evaluated at the destination; replaced
+    /// when the policy source changes.
+    pub policy: Arc<SharedPolicy>,
     /// The node's own addresses: connections from them are the node's health probes.
     pub node_ips: HashSet<IpAddr>,
     pub metrics: Arc<Metrics>,

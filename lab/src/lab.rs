@@ -514,6 +514,45 @@ impl Lab {
         self.dir.policies()
     }
 
+    /// Put the policy documents of `file` where every agent reads them (under the file's
+    /// name, replacing an earlier apply of the same file), like `kubectl apply -f`. The
+    /// agents reload within a couple of seconds; a file they cannot decode is refused in
+    /// their logs and the previous policy stays.
+    pub fn apply_policy(&self, file: &Path) -> Result<PathBuf> {
+        let target = self.policy_file(file)?;
+        fs::copy(file, &target)
+            .with_context(|| format!("copying {} to {}", file.display(), target.display()))?;
+        Ok(target)
+    }
+
+    /// Remove what [`Self::apply_policy`] put in place for `file`, like `kubectl delete -f`.
+    pub fn delete_policy(&self, file: &Path) -> Result<PathBuf> {
+        let target = self.policy_file(file)?;
+        fs::remove_file(&target).with_context(|| {
+            format!(
+                "{} was not applied ({} does not exist)",
+                file.display(),
+                target.display()
+            )
+        })?;
+        Ok(target)
+    }
+
+    fn policy_file(&self, file: &Path) -> Result<PathBuf> {
+        let name = file
+            .file_name()
+            .with_context(|| format!("{} is not a file name", file.display()))?;
+        let mut name = PathBuf::from(name);
+        if !matches!(
+            name.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        ) {
+            // The agents read *.yaml and *.yml only.
+            name.set_extension("yaml");
+        }
+        Ok(self.dir.policies().join(name))
+    }
+
     /// The lab's CA directory (Istio's plug-in CA layout), which signs the agents'
     /// workload certificates.
     pub fn ca_dir(&self) -> PathBuf {

@@ -1,9 +1,12 @@
 //! Istio security policy at the destination: the seeds' story. Plaintext clients work
 //! under PERMISSIVE (the default, covered by `capture::legacy_client_is_not_captured`);
 //! STRICT refuses them; least-privilege authorization refuses everyone not allowed.
-//! Policies are Istio YAML in the lab's policy directory, read by the agents at start-up.
+//! Policies are Istio YAML applied as `cargo xtask lab apply -f` does; the agents reload
+//! them while running.
+use std::time::{Duration, Instant};
+
 use anyhow::{ensure, Context as _, Result};
-use warren_lab::{AppMode, Family, Lab, Signal};
+use warren_lab::{AppMode, Family, Lab};
 
 use crate::support::{access_record, ensure_ok, field, metric_value, metrics_page};
 
@@ -16,6 +19,10 @@ pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
         "policy::allow_only_one_principal_on_one_port",
         allow_only_client,
     ),
+    (
+        "policy::malformed_file_keeps_the_previous_policy",
+        malformed_file_keeps_the_previous_policy,
+    ),
 ];
 
 /// `PeerAuthentication` STRICT for namespace `demo`: `legacy/client` is reset and the
@@ -23,17 +30,7 @@ pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
 fn strict_namespace(lab: &Lab) -> Result<()> {
     let app = lab.serve("demo/server", 0, AppMode::Echo)?;
     let dst = lab.pod("demo/server").addr(Family::V4, app.port());
-    let yaml = "\
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata:
-  name: strict
-  namespace: demo
-spec:
-  mtls:
-    mode: STRICT
-";
-    with_policies(lab, yaml, || {
+    with_policies(lab, STRICT, || {
         let n2 = lab.agent_log_len("n2");
         let legacy = lab.connect("legacy/client", dst, AppMode::Echo, 1024)?;
         ensure!(
@@ -123,26 +120,91 @@ spec:
     })
 }
 
-/// Run `body` with `yaml` in the lab's policy directory, read by freshly restarted
-/// agents; afterwards — also when `body` fails — the file goes and the agents restart
-/// without it.
+/// A malformed policy file is refused with its file and line, and the policy in force
+/// (STRICT) stays.
+fn malformed_file_keeps_the_previous_policy(lab: &Lab) -> Result<()> {
+    let app = lab.serve("demo/server", 0, AppMode::Echo)?;
+    let dst = lab.pod("demo/server").addr(Family::V4, app.port());
+    with_policies(lab, STRICT, || {
+        let dir = tempfile::tempdir()?;
+        let broken = dir.path().join("broken.yaml");
+        // `mod` for `mode`, on line 8: the kind of typo that must not weaken policy.
+        std::fs::write(
+            &broken,
+            STRICT
+                .replace("mode: STRICT", "mod: STRICT")
+                .replace("name: strict", "name: broken"),
+        )?;
+        let n2 = lab.agent_log_len("n2");
+        lab.apply_policy(&broken)?;
+        let line = wait_for_log(lab, "n2", n2, "policy not reloaded")?;
+        let result = (|| -> Result<()> {
+            ensure!(
+                line.contains("broken.yaml:8"),
+                "the error should name the file and line: {line}"
+            );
+            ensure!(
+                line.contains("mod"),
+                "the error should name the unknown field: {line}"
+            );
+            let legacy = lab.connect("legacy/client", dst, AppMode::Echo, 1024)?;
+            ensure!(
+                !legacy.ok,
+                "STRICT was lost when a bad file arrived: {legacy:?}"
+            );
+            Ok(())
+        })();
+        lab.delete_policy(&broken)?;
+        wait_for_log(lab, "n2", n2, "policy reloaded")?;
+        result
+    })
+}
+
+const STRICT: &str = "\
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: strict
+  namespace: demo
+spec:
+  mtls:
+    mode: STRICT
+";
+
+/// Apply `yaml` (as `cargo xtask lab apply -f` does) and wait until both agents reloaded
+/// it; run `body`; afterwards — also when `body` fails — delete it and wait again.
 fn with_policies(lab: &Lab, yaml: &str, body: impl FnOnce() -> Result<()>) -> Result<()> {
-    let file = lab.policy_dir().join("e2e.yaml");
-    let restart = || -> Result<()> {
-        for node in ["n1", "n2"] {
-            if lab.agent_pid(node).is_some() {
-                lab.kill_agent(node, Signal::SIGTERM)?;
-            }
-            lab.start_agent(node)
-                .with_context(|| format!("restarting {node}'s agent"))?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("e2e.yaml");
+    std::fs::write(&file, yaml)?;
+    let reloaded = |change: &dyn Fn() -> Result<std::path::PathBuf>| -> Result<()> {
+        let offsets = [
+            ("n1", lab.agent_log_len("n1")),
+            ("n2", lab.agent_log_len("n2")),
+        ];
+        change()?;
+        for (node, offset) in offsets {
+            wait_for_log(lab, node, offset, "policy reloaded")?;
         }
         Ok(())
     };
-    let result = std::fs::write(&file, yaml)
-        .with_context(|| format!("writing {}", file.display()))
-        .and_then(|()| restart())
-        .and_then(|()| body());
-    let _ = std::fs::remove_file(&file);
-    restart().context("restarting the agents without the test's policy")?;
+    let result = reloaded(&|| lab.apply_policy(&file)).and_then(|()| body());
+    reloaded(&|| lab.delete_policy(&file)).context("removing the test's policy")?;
     result
+}
+
+/// Wait until `node`'s agent logged a line containing `needle` after `offset`.
+fn wait_for_log(lab: &Lab, node: &str, offset: u64, needle: &str) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = lab.agent_log_since(node, offset)?;
+        if let Some(line) = log.lines().find(|l| l.contains(needle)) {
+            return Ok(line.to_owned());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{node}'s agent logged no {needle:?} within 20 s:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

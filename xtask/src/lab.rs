@@ -45,6 +45,18 @@ pub enum LabCommand {
         #[arg(long = "6")]
         v6: bool,
     },
+    /// Add Istio policy documents for every agent, as `kubectl apply -f` would; the
+    /// agents reload within a couple of seconds.
+    Apply {
+        /// A YAML file of PeerAuthentication / AuthorizationPolicy documents.
+        #[arg(short = 'f', long = "filename")]
+        file: std::path::PathBuf,
+    },
+    /// Remove documents added with `apply -f FILE` (by the same file name).
+    Delete {
+        #[arg(short = 'f', long = "filename")]
+        file: std::path::PathBuf,
+    },
 }
 
 pub fn run(command: LabCommand) -> Result<ExitCode> {
@@ -110,6 +122,14 @@ pub fn run(command: LabCommand) -> Result<ExitCode> {
                 format!("the lab has no pod {pod}; pods: {}", ids.join(", "))
             })?;
             println!("{}", found.ip(if v6 { Family::V6 } else { Family::V4 }));
+        }
+        LabCommand::Apply { file } => {
+            let placed = Lab::load()?.apply_policy(&file)?;
+            println!("applied {} as {}", file.display(), placed.display());
+        }
+        LabCommand::Delete { file } => {
+            let removed = Lab::load()?.delete_policy(&file)?;
+            println!("deleted {}", removed.display());
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -104,7 +104,9 @@ async fn stream(
         destination_ip: dst.ip(),
         destination_port: dst.port(),
     };
-    if let Decision::Deny { policy, reason } = ctx.policy.authorize(&pod.workload, &connection) {
+    if let Decision::Deny { policy, reason } =
+        ctx.policy.current().authorize(&pod.workload, &connection)
+    {
         refused_by_policy(&ctx, &mut record, &policy, &reason);
         request.refuse(StatusCode::FORBIDDEN, &format!("denied by {policy:?}"));
         record.emit();

@@ -3,12 +3,14 @@
 //! STRICT refuses them; least-privilege authorization refuses everyone not allowed.
 //! Policies are Istio YAML applied as `cargo xtask lab apply -f` does; the agents reload
 //! them while running.
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{ensure, Context as _, Result};
 use warren_lab::{AppMode, Family, Lab};
 
-use crate::support::{access_record, ensure_ok, field, metric_value, metrics_page};
+use crate::support::{
+    access_record, ensure_ok, field, metric_value, metrics_page, wait_for_log_line,
+};
 
 pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
     (
@@ -195,16 +197,5 @@ fn with_policies(lab: &Lab, yaml: &str, body: impl FnOnce() -> Result<()>) -> Re
 
 /// Wait until `node`'s agent logged a line containing `needle` after `offset`.
 fn wait_for_log(lab: &Lab, node: &str, offset: u64, needle: &str) -> Result<String> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let log = lab.agent_log_since(node, offset)?;
-        if let Some(line) = log.lines().find(|l| l.contains(needle)) {
-            return Ok(line.to_owned());
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "{node}'s agent logged no {needle:?} within 20 s:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_log_line(lab, node, offset, &[needle], Duration::from_secs(20))
 }

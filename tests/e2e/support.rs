@@ -125,3 +125,28 @@ pub fn metric_value(page: &str, series: &str) -> Option<u64> {
             .ok()
     })
 }
+
+/// Wait (up to `within`) until `node`'s agent logged, after `offset`, a line containing
+/// every one of `needles`; returns that line.
+pub fn wait_for_log_line(
+    lab: &Lab,
+    node: &str,
+    offset: u64,
+    needles: &[&str],
+    within: Duration,
+) -> Result<String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let log = lab.agent_log_since(node, offset)?;
+        if let Some(line) = log
+            .lines()
+            .find(|line| needles.iter().all(|n| line.contains(n)))
+        {
+            return Ok(line.to_owned());
+        }
+        if Instant::now() > deadline {
+            bail!("{node}'s agent logged no line with {needles:?} within {within:?}; it logged:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

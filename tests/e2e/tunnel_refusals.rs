@@ -13,7 +13,7 @@ use std::{
 use anyhow::{bail, ensure, Context as _, Result};
 use warren_lab::{AppMode, Family, Lab};
 
-use crate::support::{access_record, access_records_for, ensure_ok, field};
+use crate::support::{access_record, access_records_for, ensure_ok, field, wait_for_log_line};
 
 pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
     ("tunnel_refusals::random_bytes", |lab| {
@@ -350,20 +350,7 @@ fn wait_for_close(stream: &mut TcpStream) -> Result<()> {
 
 /// Wait until n2's agent logged a line (after `offset`) containing every needle.
 fn refusal_logged(lab: &Lab, offset: u64, needles: &[&str]) -> Result<()> {
-    let deadline = Instant::now() + CLOSE_DEADLINE;
-    loop {
-        let log = lab.agent_log_since("n2", offset)?;
-        if log
-            .lines()
-            .any(|line| needles.iter().all(|n| line.contains(n)))
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("n2's agent logged no line with {needles:?}; it logged:\n{log}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_log_line(lab, "n2", offset, needles, CLOSE_DEADLINE).map(drop)
 }
 
 /// The agent still carries ordinary traffic after the bad peer.

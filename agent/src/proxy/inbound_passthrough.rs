@@ -62,7 +62,9 @@ fn refusal(
     peer: SocketAddr,
     dst: SocketAddr,
 ) -> Option<(PolicyRef, String)> {
-    let (mode, peer_authentication) = ctx.policy.current().mtls_mode(&pod.workload, dst.port());
+    // One snapshot for both questions, so a reload in between cannot mix two sets.
+    let policy = ctx.policy.current();
+    let (mode, peer_authentication) = policy.mtls_mode(&pod.workload, dst.port());
     if !mode.allows_plaintext() {
         if let Some(policy) = peer_authentication {
             return Some((
@@ -80,7 +82,7 @@ fn refusal(
         destination_ip: dst.ip(),
         destination_port: dst.port(),
     };
-    match ctx.policy.current().authorize(&pod.workload, &connection) {
+    match policy.authorize(&pod.workload, &connection) {
         Decision::Allow => None,
         Decision::Deny { policy, reason } => Some((policy, reason)),
     }

@@ -2,6 +2,7 @@
 //! namespaces and every workload of the topology, with where its netns and cgroup
 //! are — in a cluster the CNI plugin would hand the agent the same facts.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
@@ -30,6 +31,9 @@ pub struct Workload {
     pub namespace: String,
     /// Service account (the workload's identity).
     pub service_account: String,
+    /// Pod labels (what policy selectors match).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
     /// Node the pod runs on.
     pub node: String,
     /// Pod IPs, IPv4 first.
@@ -52,6 +56,7 @@ impl AgentConfig {
                     name: pod.name.clone(),
                     namespace: pod.namespace.clone(),
                     service_account: pod.service_account.clone(),
+                    labels: pod.labels.clone(),
                     node: pod.node.clone(),
                     ips: Family::BOTH.iter().map(|&f| pod.ip(f)).collect(),
                     netns: pod.netns_path.clone(),
@@ -87,6 +92,7 @@ workloads:
 - name: client
   namespace: demo
   serviceAccount: client
+  labels: {app: client, version: v1}
   node: n1
   ips: ["10.77.1.10", "fd00:77:1::10"]
   netns: /run/netns/warren-n1-demo-client
@@ -94,6 +100,7 @@ workloads:
 - name: peer
   namespace: demo
   serviceAccount: peer
+  labels: {app: peer, version: v2}
   node: n1
   ips: ["10.77.1.11", "fd00:77:1::11"]
   netns: /run/netns/warren-n1-demo-peer
@@ -101,6 +108,7 @@ workloads:
 - name: client
   namespace: legacy
   serviceAccount: default
+  labels: {app: client, version: v1}
   node: n1
   ips: ["10.77.1.12", "fd00:77:1::12"]
   netns: /run/netns/warren-n1-legacy-client
@@ -108,6 +116,7 @@ workloads:
 - name: server
   namespace: demo
   serviceAccount: server
+  labels: {app: server, version: v1}
   node: n2
   ips: ["10.77.2.10", "fd00:77:2::10"]
   netns: /run/netns/warren-n2-demo-server

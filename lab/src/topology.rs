@@ -16,6 +16,7 @@
 //! Every address has an IPv6 twin (`fd00:77::/64` on the wire, `fd00:77:<n>::/64` per
 //! node).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -134,6 +135,9 @@ pub struct Pod {
     pub node: String,
     /// Service account, which is the pod's mesh identity.
     pub service_account: String,
+    /// Pod labels, which policy selectors match (`app: server`, `version: v1`).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     /// Whether the pod's namespace is enrolled in the mesh.
     pub enrolled: bool,
     /// The pod's IPv4 address.
@@ -221,6 +225,8 @@ struct PodSpec {
     name: &'static str,
     node: &'static str,
     service_account: &'static str,
+    /// The pod's `version` label; `app` is the pod's name.
+    version: &'static str,
     host: u8,
 }
 
@@ -236,6 +242,7 @@ const PODS: &[PodSpec] = &[
         name: "client",
         node: "n1",
         service_account: "client",
+        version: "v1",
         host: 10,
     },
     PodSpec {
@@ -243,6 +250,7 @@ const PODS: &[PodSpec] = &[
         name: "peer",
         node: "n1",
         service_account: "peer",
+        version: "v2",
         host: 11,
     },
     PodSpec {
@@ -250,6 +258,7 @@ const PODS: &[PodSpec] = &[
         name: "client",
         node: "n1",
         service_account: "default",
+        version: "v1",
         host: 12,
     },
     PodSpec {
@@ -257,6 +266,7 @@ const PODS: &[PodSpec] = &[
         name: "server",
         node: "n2",
         service_account: "server",
+        version: "v1",
         host: 10,
     },
 ];
@@ -343,6 +353,10 @@ impl Topology {
                 name: spec.name.to_string(),
                 node: spec.node.to_string(),
                 service_account: spec.service_account.to_string(),
+                labels: BTreeMap::from([
+                    ("app".to_owned(), spec.name.to_owned()),
+                    ("version".to_owned(), spec.version.to_owned()),
+                ]),
                 enrolled: MESH_NAMESPACES.contains(&spec.namespace),
                 ipv4: Ipv4Addr::new(10, 77, net, spec.host),
                 ipv6: pod_v6(net, spec.host),

@@ -3,10 +3,10 @@
 //! STRICT refuses them; least-privilege authorization refuses everyone not allowed.
 //! Policies are Istio YAML applied as `cargo xtask lab apply -f` does; the agents reload
 //! them while running.
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{ensure, Context as _, Result};
-use warren_lab::{AppMode, Family, Lab};
+use warren_lab::{AppMode, AppServer, Family, Lab};
 
 use crate::support::{
     access_record, ensure_ok, field, metric_value, metrics_page, wait_for_log_line,
@@ -22,6 +22,23 @@ pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
         allow_only_client,
     ),
     (
+        "policy::deny_by_namespace_ip_block_and_not_principals",
+        deny_by_namespace_ip_block_and_not_principals,
+    ),
+    (
+        "policy::authorization_selector_matches_labels",
+        authorization_selector_matches_labels,
+    ),
+    (
+        "policy::workload_peer_authentication_overrides_namespace",
+        workload_overrides_namespace,
+    ),
+    (
+        "policy::mesh_wide_policy_in_root_namespace",
+        mesh_wide_policy,
+    ),
+    ("policy::port_level_mtls", port_level_mtls),
+    (
         "policy::malformed_file_keeps_the_previous_policy",
         malformed_file_keeps_the_previous_policy,
     ),
@@ -32,7 +49,7 @@ pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
 fn strict_namespace(lab: &Lab) -> Result<()> {
     let app = lab.serve("demo/server", 0, AppMode::Echo)?;
     let dst = lab.pod("demo/server").addr(Family::V4, app.port());
-    with_policies(lab, STRICT, || {
+    with_policies(lab, "strict", STRICT, || {
         let n2 = lab.agent_log_len("n2");
         let legacy = lab.connect("legacy/client", dst, AppMode::Echo, 1024)?;
         ensure!(
@@ -96,29 +113,203 @@ spec:
 ",
         allowed.port()
     );
-    with_policies(lab, &yaml, || {
+    with_policies(lab, "client-only", &yaml, || {
         ensure_ok(
             &lab.connect("demo/client", to_allowed, AppMode::Echo, 1024)?,
             "the allowed principal on the allowed port",
         )?;
-        for (from, dst, what) in [
-            ("demo/peer", to_allowed, "another principal"),
-            ("demo/client", to_other, "another port"),
-            ("legacy/client", to_allowed, "a plaintext client"),
+        for (from, dst) in [
+            ("demo/peer", to_allowed),     // another principal
+            ("demo/client", to_other),     // another port
+            ("legacy/client", to_allowed), // a plaintext client
         ] {
-            let n2 = lab.agent_log_len("n2");
-            let report = lab.connect(from, dst, AppMode::Echo, 1024)?;
-            ensure!(
-                !report.ok,
-                "{what} ({from} → {dst}) got through: {report:?}"
-            );
-            let record = access_record(lab, "n2", n2, "inbound", dst)?;
-            ensure!(
-                field(&record, "error").contains("denied by AuthorizationPolicy demo/client-only"),
-                "the refusal of {what} should name the policy: {record}"
-            );
+            ensure_refused(lab, from, dst, "AuthorizationPolicy demo/client-only")?;
         }
         Ok(())
+    })
+}
+
+/// DENY policies, each on its own port of `demo/server`: by namespace (`notNamespaces`:
+/// a plaintext client has no namespace), by the client's address (`ipBlocks`: for a
+/// tunnelled connection, the address the source agent forwarded), and by identity
+/// (`notPrincipals`). Each refuses only what it names.
+fn deny_by_namespace_ip_block_and_not_principals(lab: &Lab) -> Result<()> {
+    let servers = serve_many(lab, "demo/server", 3)?;
+    let [outside_demo, peer_ip, not_client] = [0, 1, 2].map(|i| servers[i].1);
+    let peer_v4 = lab.pod("demo/peer").ip(Family::V4);
+    let yaml = format!(
+        "\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: deny-outside-demo, namespace: demo}}
+spec:
+  action: DENY
+  rules:
+  - from: [{{source: {{notNamespaces: [demo]}}}}]
+    to: [{{operation: {{ports: [\"{}\"]}}}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: deny-peer-address, namespace: demo}}
+spec:
+  action: DENY
+  rules:
+  - from: [{{source: {{ipBlocks: [\"{peer_v4}/32\"]}}}}]
+    to: [{{operation: {{ports: [\"{}\"]}}}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: deny-all-but-client, namespace: demo}}
+spec:
+  action: DENY
+  rules:
+  - from: [{{source: {{notPrincipals: [cluster.local/ns/demo/sa/client]}}}}]
+    to: [{{operation: {{ports: [\"{}\"]}}}}]
+",
+        outside_demo.port(),
+        peer_ip.port(),
+        not_client.port()
+    );
+    with_policies(lab, "deny", &yaml, || {
+        ensure_refused(lab, "legacy/client", outside_demo, "demo/deny-outside-demo")?;
+        ensure_allowed(lab, "demo/client", outside_demo)?;
+        ensure_allowed(lab, "demo/peer", outside_demo)?;
+
+        ensure_refused(lab, "demo/peer", peer_ip, "demo/deny-peer-address")?;
+        ensure_allowed(lab, "demo/client", peer_ip)?;
+        ensure_allowed(lab, "legacy/client", peer_ip)?;
+
+        ensure_refused(lab, "demo/peer", not_client, "demo/deny-all-but-client")?;
+        ensure_refused(lab, "legacy/client", not_client, "demo/deny-all-but-client")?;
+        ensure_allowed(lab, "demo/client", not_client)
+    })
+}
+
+/// An AuthorizationPolicy with a label selector binds to the workloads it selects
+/// only: DENY-all on `app: peer` refuses everyone at `demo/peer` and nobody at
+/// `demo/server`; an ALLOW-nothing policy (empty spec) on `version: v1` refuses all at
+/// `demo/server`.
+fn authorization_selector_matches_labels(lab: &Lab) -> Result<()> {
+    let peer = lab.serve("demo/peer", 0, AppMode::Echo)?;
+    let server = lab.serve("demo/server", 0, AppMode::Echo)?;
+    let to_peer = lab.pod("demo/peer").addr(Family::V4, peer.port());
+    let to_server = lab.pod("demo/server").addr(Family::V4, server.port());
+    let deny_peer = "\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-peer, namespace: demo}
+spec:
+  selector: {matchLabels: {app: peer}}
+  action: DENY
+  rules: [{}]
+";
+    with_policies(lab, "deny-peer", deny_peer, || {
+        ensure_refused(lab, "demo/client", to_peer, "demo/deny-peer")?;
+        ensure_allowed(lab, "demo/client", to_server)
+    })?;
+    let allow_nothing = "\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-nothing, namespace: demo}
+spec:
+  selector: {matchLabels: {app: server, version: v1}}
+";
+    with_policies(lab, "allow-nothing", allow_nothing, || {
+        ensure_refused(lab, "demo/client", to_server, "demo/allow-nothing")?;
+        ensure_allowed(lab, "demo/client", to_peer)
+    })
+}
+
+/// A workload's own PeerAuthentication (selector) overrides its namespace's: `demo` is
+/// STRICT, `demo/server` alone is PERMISSIVE, so the plaintext client reaches the
+/// server but not `demo/peer`.
+fn workload_overrides_namespace(lab: &Lab) -> Result<()> {
+    let peer = lab.serve("demo/peer", 0, AppMode::Echo)?;
+    let server = lab.serve("demo/server", 0, AppMode::Echo)?;
+    let to_peer = lab.pod("demo/peer").addr(Family::V4, peer.port());
+    let to_server = lab.pod("demo/server").addr(Family::V4, server.port());
+    let yaml = format!(
+        "{STRICT}---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: server-permissive, namespace: demo}}
+spec:
+  selector: {{matchLabels: {{app: server}}}}
+  mtls: {{mode: PERMISSIVE}}
+"
+    );
+    with_policies(lab, "workload", &yaml, || {
+        ensure_allowed(lab, "legacy/client", to_server)?;
+        ensure_refused(
+            lab,
+            "legacy/client",
+            to_peer,
+            "PeerAuthentication demo/strict",
+        )?;
+        ensure_allowed(lab, "demo/client", to_peer)
+    })
+}
+
+/// A PeerAuthentication without selector in the root namespace (`istio-system`) is the
+/// mesh-wide default; a namespace's own policy overrides it.
+fn mesh_wide_policy(lab: &Lab) -> Result<()> {
+    let server = lab.serve("demo/server", 0, AppMode::Echo)?;
+    let to_server = lab.pod("demo/server").addr(Family::V4, server.port());
+    let mesh_strict = "\
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec:
+  mtls: {mode: STRICT}
+";
+    let demo_permissive = "\
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: permissive, namespace: demo}
+spec:
+  mtls: {mode: PERMISSIVE}
+";
+    with_policies(lab, "mesh-strict", mesh_strict, || {
+        ensure_refused(
+            lab,
+            "legacy/client",
+            to_server,
+            "PeerAuthentication istio-system/default",
+        )?;
+        ensure_allowed(lab, "demo/client", to_server)?;
+        with_policies(lab, "demo-permissive", demo_permissive, || {
+            ensure_allowed(lab, "legacy/client", to_server)
+        })
+    })
+}
+
+/// `portLevelMtls` sets the mode of one port of the selected workload: STRICT for
+/// `demo/server` except one PERMISSIVE port (a metrics port a plaintext scraper reads).
+fn port_level_mtls(lab: &Lab) -> Result<()> {
+    let servers = serve_many(lab, "demo/server", 2)?;
+    let [open, strict] = [0, 1].map(|i| servers[i].1);
+    let yaml = format!(
+        "\
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {{name: server-ports, namespace: demo}}
+spec:
+  selector: {{matchLabels: {{app: server}}}}
+  mtls: {{mode: STRICT}}
+  portLevelMtls:
+    {}: {{mode: PERMISSIVE}}
+",
+        open.port()
+    );
+    with_policies(lab, "ports", &yaml, || {
+        ensure_allowed(lab, "legacy/client", open)?;
+        ensure_refused(
+            lab,
+            "legacy/client",
+            strict,
+            "PeerAuthentication demo/server-ports",
+        )?;
+        ensure_allowed(lab, "demo/client", strict)
     })
 }
 
@@ -127,7 +318,7 @@ spec:
 fn malformed_file_keeps_the_previous_policy(lab: &Lab) -> Result<()> {
     let app = lab.serve("demo/server", 0, AppMode::Echo)?;
     let dst = lab.pod("demo/server").addr(Family::V4, app.port());
-    with_policies(lab, STRICT, || {
+    with_policies(lab, "strict", STRICT, || {
         let dir = tempfile::tempdir()?;
         let broken = dir.path().join("broken.yaml");
         // `mod` for `mode`, on line 8: the kind of typo that must not weaken policy.
@@ -173,11 +364,16 @@ spec:
     mode: STRICT
 ";
 
-/// Apply `yaml` (as `cargo xtask lab apply -f` does) and wait until both agents reloaded
+/// Apply `yaml` as the file `e2e-<name>.yaml` (as `cargo xtask lab apply -f` does) and wait until both agents reloaded
 /// it; run `body`; afterwards — also when `body` fails — delete it and wait again.
-fn with_policies(lab: &Lab, yaml: &str, body: impl FnOnce() -> Result<()>) -> Result<()> {
+fn with_policies(
+    lab: &Lab,
+    name: &str,
+    yaml: &str,
+    body: impl FnOnce() -> Result<()>,
+) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let file = dir.path().join("e2e.yaml");
+    let file = dir.path().join(format!("e2e-{name}.yaml"));
     std::fs::write(&file, yaml)?;
     let reloaded = |change: &dyn Fn() -> Result<std::path::PathBuf>| -> Result<()> {
         let offsets = [
@@ -198,4 +394,48 @@ fn with_policies(lab: &Lab, yaml: &str, body: impl FnOnce() -> Result<()>) -> Re
 /// Wait until `node`'s agent logged a line containing `needle` after `offset`.
 fn wait_for_log(lab: &Lab, node: &str, offset: u64, needle: &str) -> Result<String> {
     wait_for_log_line(lab, node, offset, &[needle], Duration::from_secs(20))
+}
+
+/// Start `count` echo servers on `target`, each on its own port; the servers stop when
+/// the returned values are dropped.
+fn serve_many(lab: &Lab, target: &str, count: usize) -> Result<Vec<(AppServer, SocketAddr)>> {
+    (0..count)
+        .map(|_| {
+            let server = lab.serve(target, 0, AppMode::Echo)?;
+            let addr = lab.pod(target).addr(Family::V4, server.port());
+            Ok((server, addr))
+        })
+        .collect()
+}
+
+/// `from` reaches `dst` and the echo comes back whole.
+fn ensure_allowed(lab: &Lab, from: &str, dst: SocketAddr) -> Result<()> {
+    ensure_ok(
+        &lab.connect(from, dst, AppMode::Echo, 1024)?,
+        &format!("{from} → {dst} (allowed by policy)"),
+    )
+}
+
+/// `from` is refused at `dst`, and the destination agent's access log names the policy
+/// (`refused_by`: "demo/strict", or with its kind "PeerAuthentication demo/strict").
+fn ensure_refused(lab: &Lab, from: &str, dst: SocketAddr, refused_by: &str) -> Result<()> {
+    let node = lab
+        .pods()
+        .iter()
+        .find(|pod| pod.ip(Family::V4) == dst.ip() || pod.ip(Family::V6) == dst.ip())
+        .map(|pod| pod.node.clone())
+        .with_context(|| format!("{dst} is no pod's address"))?;
+    let offset = lab.agent_log_len(&node);
+    let report = lab.connect(from, dst, AppMode::Echo, 1024)?;
+    ensure!(
+        !report.ok,
+        "{from} → {dst} got through; {refused_by} should refuse it: {report:?}"
+    );
+    let record = access_record(lab, &node, offset, "inbound", dst)?;
+    let error = field(&record, "error");
+    ensure!(
+        error.contains("denied by") && error.contains(refused_by),
+        "the refusal of {from} → {dst} should name {refused_by}: {record}"
+    );
+    Ok(())
 }

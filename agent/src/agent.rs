@@ -4,7 +4,12 @@
 //! the metrics port, the CA, the pods' network namespaces, listener ports and
 //! certificates come first; the kernel is touched last. Nothing before that leaves state
 //! behind (sockets close when the agent exits).
-use std::{collections::HashSet, net::IpAddr, path::PathBuf, sync::Arc};
+use std::{
+    collections::HashSet,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use tokio::{io::unix::AsyncFd, net::TcpListener};
 use warren_common::{INBOUND_PLAINTEXT_PORT, INBOUND_TUNNEL_PORT, OUTBOUND_PORT};
@@ -19,12 +24,13 @@ use crate::{
     proxy::{self, hbone, Pod, ProxyContext},
     redirect::{
         self,
-        ebpf::{EbpfRedirect, PodRedirect},
-        KernelSupport, Mechanism, RedirectError,
+        ebpf::{EbpfRedirect, OriginalDstTable, PodRedirect},
+        iptables::{self, Backend, IptablesRedirect},
+        KernelSupport, Mechanism, OriginalDst, RedirectError,
     },
     socket::{listen_in, SocketError},
     tls,
-    workload::WorkloadIndex,
+    workload::{Workload, WorkloadIndex},
 };
 
 /// An enrolled pod whose listeners are bound but not yet served.
@@ -176,37 +182,52 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
 
     // Then the kernel.
     let support = KernelSupport::probe(&config.bpffs, &config.probe_pretend_missing);
-    // Any missing feature (bpffs included, with the command that mounts it) stops here.
-    let Mechanism::Ebpf = redirect::choose(config.redirect, &support)?;
-    let cgroup_root = config
-        .cgroup_root
-        .clone()
-        .or(support.cgroup2_root.clone())
-        .ok_or(AgentError::NoCgroup2)?;
-    let (mut ebpf, original_dst) =
-        EbpfRedirect::install(&config.pin_dir, &cgroup_root).map_err(RedirectError::from)?;
-    tracing::info!(pin_dir = %config.pin_dir.display(), cgroup_root = %cgroup_root.display(), "eBPF programs attached");
-    match ebpf.take_logger() {
-        Ok(logger) => {
-            tokio::spawn(forward_kernel_logs(logger));
-        }
-        Err(err) => tracing::warn!(error = %err, "kernel program logs will not be shown"),
-    }
-
-    let enrolled: Vec<PodRedirect<'_>> = prepared
+    // eBPF with a missing feature (bpffs included, with the command that mounts it)
+    // stops here; auto falls back to iptables.
+    let mechanism = redirect::choose(config.redirect, &support)?;
+    let not_enrolled: Vec<&Workload> = local
+        .workloads
         .iter()
-        .map(|p| PodRedirect {
-            netns: &p.pod.netns,
-            netns_cookie: p.pod.netns_cookie,
-            ips: &p.pod.workload.ips,
-            inbound_listener: std::os::fd::AsRawFd::as_raw_fd(&p.inbound_plaintext),
-        })
+        .filter(|w| w.node == config.node && !w.in_mesh)
+        .map(|w| w.as_ref())
         .collect();
-    for pod in &enrolled {
-        ebpf.enroll(pod).map_err(RedirectError::from)?;
-    }
-    ebpf.retain(&enrolled).map_err(RedirectError::from)?;
-    drop(enrolled);
+    let (redirection, original_dst) = match mechanism {
+        Mechanism::Ebpf => {
+            let cgroup_root = config
+                .cgroup_root
+                .clone()
+                .or(support.cgroup2_root.clone())
+                .ok_or(AgentError::NoCgroup2)?;
+            let (ebpf, original_dst) = install_ebpf(&config, &cgroup_root, &prepared)?;
+            // A node switched from iptables keeps none of its rules.
+            remove_iptables_rules(prepared.iter().map(|p| p.pod.netns.path()));
+            remove_iptables_rules(not_enrolled.iter().map(|w| w.netns.as_path()));
+            (
+                Redirection::Ebpf(Box::new(ebpf)),
+                OriginalDst::Ebpf(original_dst),
+            )
+        }
+        Mechanism::Iptables => {
+            // A node switched from eBPF keeps none of its programs.
+            match redirect::remove_ebpf_pins(&config.pin_dir) {
+                Ok(0) => {}
+                Ok(pins) => {
+                    tracing::info!(pin_dir = %config.pin_dir.display(), pins, "removed the eBPF redirection of an earlier run")
+                }
+                Err(err) => {
+                    tracing::warn!(pin_dir = %config.pin_dir.display(), error = %err, "cannot remove the eBPF redirection of an earlier run")
+                }
+            }
+            let backend = Backend::choose(config.iptables_backend).map_err(RedirectError::from)?;
+            let iptables = IptablesRedirect::new(backend, node_addresses());
+            for p in &prepared {
+                iptables.enroll(&p.pod.netns).map_err(RedirectError::from)?;
+            }
+            remove_iptables_rules(not_enrolled.iter().map(|w| w.netns.as_path()));
+            tracing::info!(%backend, pods = prepared.len(), "iptables rules written in the pods' network namespaces");
+            (Redirection::Iptables(iptables), OriginalDst::Conntrack)
+        }
+    };
 
     let pool = hbone::Pool::new(hbone::PoolConfig::default());
     let metrics = Arc::new(Metrics::new(pool.clone())?);
@@ -263,12 +284,72 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             move |s, p, pod| proxy::inbound::handle(c.clone(), s, p, pod),
         ));
     }
-    tracing::info!(node = %config.node, pods = ?names, mode = "ebpf", "agent ready");
+    tracing::info!(node = %config.node, pods = ?names, mode = %mechanism, "agent ready");
 
     wait_for_shutdown().await;
-    tracing::info!("shutting down; redirection stays pinned, so captured pods fail closed until an agent returns");
-    drop(ebpf);
+    tracing::info!("shutting down; redirection stays in place, so captured pods fail closed until an agent returns (`warren uninstall` removes it)");
+    drop(redirection);
     Ok(())
+}
+
+/// The redirection in force, held (not read) until the agent exits: for eBPF, the
+/// loaded object whose maps the data path uses.
+#[allow(dead_code)]
+enum Redirection {
+    Ebpf(Box<EbpfRedirect>),
+    Iptables(IptablesRedirect),
+}
+
+/// Load the eBPF programs and enroll the prepared pods; pods that left are released.
+fn install_ebpf(
+    config: &Config,
+    cgroup_root: &Path,
+    prepared: &[PreparedPod],
+) -> Result<(EbpfRedirect, OriginalDstTable), AgentError> {
+    let (mut ebpf, original_dst) =
+        EbpfRedirect::install(&config.pin_dir, cgroup_root).map_err(RedirectError::from)?;
+    tracing::info!(pin_dir = %config.pin_dir.display(), cgroup_root = %cgroup_root.display(), "eBPF programs attached");
+    match ebpf.take_logger() {
+        Ok(logger) => {
+            tokio::spawn(forward_kernel_logs(logger));
+        }
+        Err(err) => tracing::warn!(error = %err, "kernel program logs will not be shown"),
+    }
+    let enrolled: Vec<PodRedirect<'_>> = prepared
+        .iter()
+        .map(|p| PodRedirect {
+            netns: &p.pod.netns,
+            netns_cookie: p.pod.netns_cookie,
+            ips: &p.pod.workload.ips,
+            inbound_listener: std::os::fd::AsRawFd::as_raw_fd(&p.inbound_plaintext),
+        })
+        .collect();
+    for pod in &enrolled {
+        ebpf.enroll(pod).map_err(RedirectError::from)?;
+    }
+    ebpf.retain(&enrolled).map_err(RedirectError::from)?;
+    Ok((ebpf, original_dst))
+}
+
+/// Remove warren's iptables rules from these pods' netns, if any are there: pods that
+/// left the mesh, or a node that changed mode. Pods whose netns is gone are skipped; a
+/// failure is logged, not fatal (the rules of a pod not enrolled cannot capture
+/// anything the agent would miss: they redirect to ports nobody serves).
+fn remove_iptables_rules<'a>(netns_paths: impl Iterator<Item = &'a Path>) {
+    for path in netns_paths {
+        let Ok(netns) = Netns::open(path) else {
+            continue;
+        };
+        match iptables::remove(&netns) {
+            Ok(0) => {}
+            Ok(removed) => {
+                tracing::info!(netns = %path.display(), removed, "removed warren's iptables rules")
+            }
+            Err(err) => {
+                tracing::warn!(netns = %path.display(), error = %err, "cannot remove warren's iptables rules")
+            }
+        }
+    }
 }
 
 /// The node's own addresses (the agent runs in the node's netns). Connections from them

@@ -2,10 +2,19 @@
 //! into one [`Config`] that tests build directly.
 use std::{path::PathBuf, time::Duration};
 
-use crate::redirect::{KernelFeature, RedirectMode};
+use crate::redirect::{iptables::BackendChoice, KernelFeature, RedirectMode};
+
+/// Where warren pins its eBPF programs and maps (`<dir>/<node>`).
+pub const DEFAULT_BPF_ROOT: &str = "/sys/fs/bpf/warren";
 
 /// Istio's default trust domain.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+/// The variables behind the flags `warren agent` and `warren check` share.
+pub const ENV_CONFIG: &str = "WARREN_CONFIG";
+pub const ENV_POLICY: &str = "WARREN_POLICY";
+pub const ENV_ROOT_NAMESPACE: &str = "WARREN_ROOT_NAMESPACE";
+pub const ENV_TRUST_DOMAIN: &str = "WARREN_TRUST_DOMAIN";
 
 /// `warren agent` flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -15,19 +24,24 @@ pub struct AgentArgs {
     pub node: String,
 
     /// Local control file (YAML) listing workloads and the namespaces in the mesh.
-    #[arg(long, env = "WARREN_CONFIG", value_name = "FILE")]
+    #[arg(long, env = ENV_CONFIG, value_name = "FILE")]
     pub config: PathBuf,
 
     /// How pod traffic is steered into the agent.
     #[arg(long, env = "WARREN_REDIRECT", value_enum, default_value_t = RedirectMode::Auto)]
     pub redirect: RedirectMode,
 
+    /// iptables mode: which iptables backend writes the pods' rules. `auto` takes the one
+    /// the node's own rules (kube-proxy, CNI) use, nft when there are none.
+    #[arg(long, env = "WARREN_IPTABLES_BACKEND", value_enum, default_value_t = BackendChoice::Auto)]
+    pub iptables_backend: BackendChoice,
+
     /// bpffs directory for warren's pinned programs and maps; the agent uses `<dir>/<node>`.
     #[arg(
         long,
         env = "WARREN_BPF_ROOT",
         value_name = "DIR",
-        default_value = "/sys/fs/bpf/warren"
+        default_value = DEFAULT_BPF_ROOT
     )]
     pub bpf_root: PathBuf,
 
@@ -36,7 +50,7 @@ pub struct AgentArgs {
     pub cgroup_root: Option<PathBuf>,
 
     /// SPIFFE trust domain of this mesh's identities.
-    #[arg(long, env = "WARREN_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+    #[arg(long, env = ENV_TRUST_DOMAIN, default_value = DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
 
     /// Directory of the CA that signs this node's workload certificates (Istio's plug-in
@@ -52,11 +66,11 @@ pub struct AgentArgs {
     /// Istio security policy (PeerAuthentication, AuthorizationPolicy): a YAML file or a
     /// directory of them. Re-read when it changes; a file that does not decode is refused
     /// and the policy in force stays.
-    #[arg(long, env = "WARREN_POLICY", value_name = "PATH")]
+    #[arg(long, env = ENV_POLICY, value_name = "PATH")]
     pub policy: Option<PathBuf>,
 
     /// The mesh's root namespace: policies there apply mesh-wide (Istio's istio-system).
-    #[arg(long, env = "WARREN_ROOT_NAMESPACE", default_value = crate::policy::DEFAULT_ROOT_NAMESPACE)]
+    #[arg(long, env = ENV_ROOT_NAMESPACE, default_value = crate::policy::DEFAULT_ROOT_NAMESPACE)]
     pub root_namespace: String,
 
     /// Where to serve Prometheus metrics (`/metrics`), in the agent's own netns.
@@ -79,6 +93,7 @@ pub struct Config {
     pub node: String,
     pub config_file: PathBuf,
     pub redirect: RedirectMode,
+    pub iptables_backend: BackendChoice,
     /// Where bpffs is mounted (checked at start-up).
     pub bpffs: PathBuf,
     /// This node's pin directory: `<bpf-root>/<node>`.
@@ -101,6 +116,7 @@ impl From<AgentArgs> for Config {
             node: args.node,
             config_file: args.config,
             redirect: args.redirect,
+            iptables_backend: args.iptables_backend,
             cgroup_root: args.cgroup_root,
             trust_domain: args.trust_domain,
             ca_dir: args.ca_dir,

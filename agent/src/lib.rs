@@ -4,6 +4,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod agent;
+pub mod check;
 pub mod config;
 pub mod control;
 pub mod identity;
@@ -14,4 +15,5 @@ pub mod proxy;
 pub mod redirect;
 pub mod socket;
 pub mod tls;
+pub mod uninstall;
 pub mod workload;

@@ -42,6 +42,14 @@ enum Command {
     /// Manage the certificate authority that signs workload certificates.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Explain what the agents will enforce for a config and policy, workload by
+    /// workload, and flag what will fail or surprise. Exit status: 0 nothing flagged,
+    /// 2 problems flagged, 1 the inputs cannot be read.
+    Check(warren::check::CheckArgs),
+    /// Remove everything warren added to a node (eBPF pins, iptables rules in its pods),
+    /// so pod traffic flows directly again. Run it once the agent has stopped; a second
+    /// run finds nothing to do.
+    Uninstall(warren::uninstall::UninstallArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -58,13 +66,51 @@ enum CaCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            // clap exits 2 on a usage error, which `warren check` uses for "problems
+            // found"; for check, a usage error is an input that cannot be read.
+            let check = std::env::args_os().nth(1).is_some_and(|arg| arg == "check");
+            let code = match err.exit_code() {
+                0 => 0,
+                _ if check => warren::check::EXIT_INPUT_ERROR,
+                _ => 2,
+            };
+            return ExitCode::from(code);
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(log_filter())
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
+        Command::Check(args) => {
+            let outcome = warren::check::run(&args);
+            match &outcome {
+                Ok(report) => print!("{report}"),
+                Err(err) => eprintln!("error: {err}"),
+            }
+            ExitCode::from(warren::check::exit_code(&outcome))
+        }
+        Command::Uninstall(args) => {
+            if !nix::unistd::geteuid().is_root() {
+                eprintln!("error: warren uninstall must run as root: it enters pods' network namespaces and removes pinned eBPF objects");
+                return ExitCode::FAILURE;
+            }
+            match warren::uninstall::run(&args) {
+                Ok(removed) => {
+                    print!("{removed}");
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Ca(CaCommand::Init { dir, trust_domain }) => {
             match warren::identity::CertificateAuthority::init(&dir, &trust_domain) {
                 Ok(()) => {

@@ -3,7 +3,7 @@
 //! | port  | listener            | bound in       | what arrives                               |
 //! |-------|---------------------|----------------|--------------------------------------------|
 //! | 15001 | [`outbound`]        | pod netns, `[::]` | the pod's own outbound TCP, redirected   |
-//! | 15006 | [`inbound_passthrough`] | pod netns, `[::]` | TCP to the pod's addresses, steered by sk_lookup |
+//! | 15006 | [`inbound_passthrough`] | pod netns, `[::]` | TCP to the pod's addresses, steered by sk_lookup or iptables |
 //! | 15008 | [`inbound`]         | pod netns, `[::]` | HBONE (HTTP/2 CONNECT over mTLS) from other agents |
 pub mod access_log;
 pub mod hbone;
@@ -28,14 +28,14 @@ use crate::{
     metrics::Metrics,
     netns::Netns,
     policy::{PolicyRef, SharedPolicy},
-    redirect::ebpf::OriginalDstTable,
+    redirect::OriginalDst,
     workload::{Workload, WorkloadIndex},
 };
 
 /// What every connection handler needs, shared by all pods of the node.
 pub struct ProxyContext {
     pub workloads: WorkloadIndex,
-    pub original_dst: OriginalDstTable,
+    pub original_dst: OriginalDst,
     pub trust_domain: String,
     pub secrets: Arc<SecretManager>,
     /// Outbound HBONE connections, shared by all pods (keyed by source pod).

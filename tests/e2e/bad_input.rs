@@ -1,9 +1,12 @@
 //! Bad input to `warren agent`: each gets one clear error naming the cause and the fix,
 //! and leaves nothing behind (no pin directory, the running agents undisturbed).
 use std::{
+    io::{BufRead as _, BufReader},
     os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
-    process::{Command, Output},
+    process::{Command, Output, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
 };
 
 use anyhow::{ensure, Context as _, Result};
@@ -23,8 +26,8 @@ pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
     ("bad_input::ca_dir_without_a_ca", ca_dir_without_a_ca),
     ("bad_input::kernel_without_bpf", kernel_without_bpf),
     (
-        "bad_input::iptables_mode_not_yet_supported",
-        iptables_not_yet,
+        "bad_input::auto_without_sk_lookup_picks_iptables",
+        auto_without_sk_lookup_picks_iptables,
     ),
     (
         "bad_input::second_agent_for_a_node_is_refused",
@@ -196,29 +199,82 @@ fn ca_dir_without_a_ca(_: &Lab) -> Result<()> {
     Ok(())
 }
 
+/// eBPF mode on a kernel without the bpf() syscall stops with the missing feature and
+/// the way out.
 fn kernel_without_bpf(lab: &Lab) -> Result<()> {
     let (_dir, config) = config_file(EMPTY)?;
-    for mode in ["ebpf", "auto"] {
-        expect_failure(
-            agent(
-                lab,
-                &config,
-                &["--redirect", mode, "--probe-pretend-missing", "bpf"],
-            )?,
-            1,
-            &["the bpf() syscall", "kernel"],
-        )?;
-    }
+    expect_failure(
+        agent(
+            lab,
+            &config,
+            &["--redirect", "ebpf", "--probe-pretend-missing", "bpf"],
+        )?,
+        1,
+        &["the bpf() syscall", "kernel", "--redirect iptables"],
+    )?;
     Ok(())
 }
 
-fn iptables_not_yet(lab: &Lab) -> Result<()> {
+/// `auto` on a kernel without sk_lookup runs with iptables, says so in one line naming
+/// the missing feature, and pins nothing.
+fn auto_without_sk_lookup_picks_iptables(lab: &Lab) -> Result<()> {
     let (_dir, config) = config_file(EMPTY)?;
-    expect_failure(
-        agent(lab, &config, &["--redirect", "iptables"])?,
-        1,
-        &["--redirect iptables", "not yet supported"],
+    let _ = std::fs::remove_dir_all(BAD_BPF_ROOT);
+    let mut cmd = agent(
+        lab,
+        &config,
+        &["--redirect", "auto", "--probe-pretend-missing", "sk-lookup"],
     )?;
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting warren")?;
+    let stderr = child.stderr.take().context("no stderr pipe")?;
+    let (lines_tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    let outcome = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => {
+                let ready = line.contains("agent ready");
+                seen.push(line);
+                if ready {
+                    break Ok(());
+                }
+            }
+            Err(_) => break Err(anyhow::anyhow!("the agent did not get ready within 20 s")),
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = seen.join("\n");
+    outcome.with_context(|| format!("stderr:\n{log}"))?;
+    let choice = seen
+        .iter()
+        .find(|l| l.contains("redirect mode:"))
+        .with_context(|| format!("no line says which redirect mode was chosen:\n{log}"))?;
+    ensure!(
+        choice.contains("redirect mode: iptables") && choice.contains("sk_lookup"),
+        "the choice should be iptables, because of sk_lookup: {choice}"
+    );
+    ensure!(
+        seen.iter()
+            .any(|l| l.contains("mode=iptables") && l.contains("agent ready")),
+        "the agent should report running in iptables mode:\n{log}"
+    );
+    ensure!(
+        !Path::new(BAD_BPF_ROOT).exists(),
+        "iptables mode pinned something under {BAD_BPF_ROOT}"
+    );
     Ok(())
 }
 

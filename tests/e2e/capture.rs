@@ -1,10 +1,9 @@
 //! What is captured and what is not, and what happens when an agent restarts.
-use std::{collections::BTreeSet, path::Path, process::Command};
 
 use anyhow::{ensure, Context as _, Result};
-use warren_lab::{AppMode, ConnectOptions, Family, Lab, Signal};
+use warren_lab::{AppMode, ConnectOptions, Family, Lab, RedirectMode, Signal};
 
-use crate::support::{access_record, access_records_for, ensure_ok, field};
+use crate::support::{access_record, access_records_for, ensure_ok, field, RedirectState};
 
 pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
     (
@@ -132,13 +131,17 @@ fn node_to_pod_probe(lab: &Lab) -> Result<()> {
 /// app unseen. Start it again: traffic flows with the same pods, and the kernel holds
 /// exactly the links and pins it held before (nothing doubled, nothing half-installed).
 fn agent_restart(lab: &Lab) -> Result<()> {
-    let pin_dir = Path::new("/sys/fs/bpf/warren/n1");
-    let pins_before = list_dir(pin_dir)?;
-    let links_before = bpf_links()?;
-    ensure!(
-        pins_before.iter().any(|p| p.starts_with("link_sk_lookup_")),
-        "no sk_lookup pins in {pins_before:?}"
-    );
+    let before = RedirectState::of(lab, "n1")?;
+    match lab.redirect() {
+        Some(RedirectMode::Iptables) => ensure!(
+            before.rules.iter().any(|r| r.contains("REDIRECT")),
+            "no REDIRECT rules in n1's pods: {before:?}"
+        ),
+        _ => ensure!(
+            before.pins.iter().any(|p| p.starts_with("link_sk_lookup_")),
+            "no sk_lookup pins in {before:?}"
+        ),
+    }
 
     let server = lab.serve("demo/server", 0, AppMode::Echo)?;
     let peer = lab.serve("demo/peer", 0, AppMode::Echo)?;
@@ -166,9 +169,10 @@ fn agent_restart(lab: &Lab) -> Result<()> {
             &untouched,
             "a pod outside the mesh while n1's agent is down",
         )?;
+        let meanwhile = RedirectState::of(lab, "n1")?;
         ensure!(
-            list_dir(pin_dir)? == pins_before,
-            "pins changed while the agent was down"
+            meanwhile == before,
+            "the redirection changed while the agent was down:\nbefore {before:?}\nmeanwhile {meanwhile:?}"
         );
         Ok(())
     })();
@@ -183,15 +187,10 @@ fn agent_restart(lab: &Lab) -> Result<()> {
         &lab.connect("demo/server", to_peer, AppMode::Echo, 1 << 20)?,
         "inbound after the restart",
     )?;
-    let pins_after = list_dir(pin_dir)?;
+    let after = RedirectState::of(lab, "n1")?;
     ensure!(
-        pins_after == pins_before,
-        "pins differ after the restart:\nbefore {pins_before:?}\nafter  {pins_after:?}"
-    );
-    let links_after = bpf_links()?;
-    ensure!(
-        links_after == links_before,
-        "the kernel holds {links_after} BPF links after the restart, {links_before} before"
+        after == before,
+        "the redirection differs after the restart:\nbefore {before:?}\nafter  {after:?}"
     );
     Ok(())
 }
@@ -201,8 +200,10 @@ fn agent_restart(lab: &Lab) -> Result<()> {
 /// netns — to different destinations. Each must reach its own destination.
 ///
 /// The agent is stopped (SIGSTOP) while both handshakes complete in the kernel, so both
-/// original-destination records exist at once; only then is it let go. A key without
-/// the netns cookie would make the second record overwrite the first.
+/// original destinations are recorded at once (eBPF: two ORIGINAL_DST records; iptables:
+/// two conntrack entries); only then is it let go. An eBPF key without the netns cookie
+/// would make the second record overwrite the first, and a connection would reach the
+/// other pod's destination.
 fn same_loopback_tuple_in_two_pods(lab: &Lab) -> Result<()> {
     const SOURCE_PORT: u16 = 40123;
     let server = lab.serve("demo/server", 0, AppMode::Sha)?;
@@ -224,7 +225,7 @@ fn same_loopback_tuple_in_two_pods(lab: &Lab) -> Result<()> {
     let (client, peer) = std::thread::scope(|scope| -> Result<_> {
         let client = scope.spawn(|| lab.connect_with("demo/client", &options(to_server)));
         let peer = scope.spawn(|| lab.connect_with("demo/peer", &options(to_outside)));
-        let recorded = wait_for_original_dst_records(SOURCE_PORT, 2);
+        let recorded = wait_for_established(lab, &["demo/client", "demo/peer"], SOURCE_PORT);
         drop(continued);
         recorded?;
         Ok((
@@ -274,71 +275,41 @@ impl Drop for Continue {
     }
 }
 
-/// Wait until n1's ORIGINAL_DST map holds `count` records for client port `port`.
-fn wait_for_original_dst_records(port: u16, count: usize) -> Result<()> {
+/// Wait until every pod of `pods` has a connected TCP socket (handshake done) on local port
+/// `port` (seen by `ss` in the pod's netns), whoever accepted it.
+fn wait_for_established(lab: &Lab, pods: &[&str], port: u16) -> Result<()> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
-        let out = Command::new("bpftool")
-            .args([
-                "-j",
-                "map",
-                "dump",
-                "pinned",
-                "/sys/fs/bpf/warren/n1/ORIGINAL_DST",
-            ])
-            .output()
-            .context("running bpftool")?;
-        let entries: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        // ClientKey: netns cookie (8 bytes), address (16), port (2, host order), padding.
-        let [lo, hi] = port.to_le_bytes();
-        let wanted = [format!("0x{lo:02x}"), format!("0x{hi:02x}")];
-        let found = entries
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|entry| {
-                let key = entry["key"].as_array();
-                key.is_some_and(|k| {
-                    k.len() >= 26 && k[24] == wanted[0].as_str() && k[25] == wanted[1].as_str()
-                })
-            })
-            .count();
-        if found >= count {
+        let mut waiting = Vec::new();
+        for pod in pods {
+            let out = lab
+                .command(pod, "ss")?
+                // The client may already have sent all and half-closed.
+                .args(["-Htn", "state", "established", "state", "fin-wait-1"])
+                .args(["state", "fin-wait-2"])
+                .arg(format!("( sport = :{port} )"))
+                .output()
+                .context("running ss")?;
+            ensure!(
+                out.status.success(),
+                "ss in {pod}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            if String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+                waiting.push(*pod);
+            }
+        }
+        if waiting.is_empty() {
             return Ok(());
         }
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "ORIGINAL_DST holds {found} record(s) for client port {port}, expected {count}: {entries}"
-        );
+        if std::time::Instant::now() > deadline {
+            let mut sockets = String::new();
+            for pod in &waiting {
+                let out = lab.command(pod, "ss")?.arg("-tan").output()?;
+                sockets.push_str(&format!("{pod}:\n{}", String::from_utf8_lossy(&out.stdout)));
+            }
+            anyhow::bail!("no established connection from port {port} in {waiting:?} within 20 s; their sockets:\n{sockets}");
+        }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-}
-
-fn list_dir(dir: &Path) -> Result<BTreeSet<String>> {
-    Ok(std::fs::read_dir(dir)
-        .with_context(|| format!("listing {}", dir.display()))?
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .collect())
-}
-
-/// Number of BPF links in the kernel (`bpftool link list`).
-fn bpf_links() -> Result<usize> {
-    let out = Command::new("bpftool")
-        .args(["link", "list"])
-        .output()
-        .context("running bpftool (installed by `cargo xtask setup`)")?;
-    ensure!(
-        out.status.success(),
-        "bpftool link list: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    Ok(text
-        .lines()
-        .filter(|l| {
-            l.split(':')
-                .next()
-                .is_some_and(|id| !id.is_empty() && id.chars().all(|c| c.is_ascii_digit()))
-        })
-        .count())
 }

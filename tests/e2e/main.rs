@@ -1,8 +1,11 @@
 //! End-to-end tests on the lab: real eBPF programs in the kernel, real network
 //! namespaces, real agents.
 //!
-//! One lab (eBPF mode) is brought up for the whole run and torn down at the end, even when
-//! tests fail or panic. Scenarios run one at a time: some restart agents.
+//! Every scenario runs in both redirect modes, as `ebpf::<scenario>` and
+//! `iptables::<scenario>`: the same behaviour is expected of both. One lab per mode is
+//! brought up when the first scenario of that mode runs and torn down when the other
+//! mode's lab replaces it, or at the end — also when tests fail or panic. Scenarios run
+//! one at a time: some restart agents.
 //! These tests need root. Without it they fail — a skipped privileged test looks like a
 //! pass.
 mod bad_input;
@@ -13,8 +16,12 @@ mod support;
 mod traffic;
 mod tunnel;
 mod tunnel_refusals;
+mod uninstall;
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use libtest_mimic::{Arguments, Failed, Trial};
 use warren_lab::{Lab, RedirectMode, UpOptions};
@@ -39,34 +46,49 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
     all.extend(tunnel::SCENARIOS);
     all.extend(tunnel_refusals::SCENARIOS);
     all.extend(policy::SCENARIOS);
+    all.extend(uninstall::SCENARIOS);
     all.extend(bad_input::SCENARIOS);
     all
+}
+
+/// The redirect modes the suite runs in, in order.
+const MODES: [RedirectMode; 2] = [RedirectMode::Ebpf, RedirectMode::Iptables];
+
+fn trial_name(mode: RedirectMode, scenario: &str) -> String {
+    format!("{mode}::{scenario}")
 }
 
 fn main() -> std::process::ExitCode {
     let mut args = Arguments::from_args();
     args.test_threads = Some(1);
-    let scenarios = scenarios();
+    let names: Vec<(RedirectMode, &'static str, Scenario)> = MODES
+        .into_iter()
+        .flat_map(|mode| {
+            scenarios()
+                .into_iter()
+                .map(move |(name, scenario)| (mode, name, scenario))
+        })
+        .collect();
 
     // --list and filters that select nothing must not build a lab.
-    let selected = scenarios
-        .iter()
-        .any(|(name, _)| !args.is_filtered_out(&Trial::test(*name, || Ok(()))));
+    let selected = names.iter().any(|(mode, name, _)| {
+        !args.is_filtered_out(&Trial::test(trial_name(*mode, name), || Ok(())))
+    });
     if args.list || !selected {
-        let trials = scenarios
+        let trials = names
             .iter()
-            .map(|(name, _)| Trial::test(*name, || Ok(())))
+            .map(|(mode, name, _)| Trial::test(trial_name(*mode, name), || Ok(())))
             .collect();
         return libtest_mimic::run(&args, trials).exit_code();
     }
 
     if !nix::unistd::geteuid().is_root() {
-        let trials = scenarios
+        let trials = names
             .iter()
-            .map(|(name, _)| {
-                Trial::test(*name, || {
+            .map(|(mode, name, _)| {
+                Trial::test(trial_name(*mode, name), || {
                     Err(Failed::from(
-                        "the end-to-end tests need root (network namespaces, eBPF); run `sudo -E cargo xtask test`",
+                        "the end-to-end tests need root (network namespaces, eBPF, iptables); run `sudo -E cargo xtask test`",
                     ))
                 })
             })
@@ -74,26 +96,50 @@ fn main() -> std::process::ExitCode {
         return libtest_mimic::run(&args, trials).exit_code();
     }
 
-    let options = UpOptions::with_agents(RedirectMode::Ebpf).cert_lifetime(CERT_LIFETIME);
-    let lab = match Lab::up(&options) {
-        Ok(lab) => lab,
-        Err(err) => {
-            eprintln!("error: cannot bring the lab up: {err:#}");
-            let _ = Lab::down();
-            return std::process::ExitCode::FAILURE;
-        }
-    };
     let _teardown = support::Teardown;
-    let lab: &'static Lab = Box::leak(Box::new(lab));
-    let trials = scenarios
+    let labs = Arc::new(Labs::default());
+    let trials = names
         .into_iter()
-        .map(|(name, scenario)| {
-            Trial::test(name, move || {
-                scenario(lab).map_err(|err| {
-                    Failed::from(format!("{err:#}\n{}", support::agent_log_tails(lab)))
+        .map(|(mode, name, scenario)| {
+            let labs = labs.clone();
+            Trial::test(trial_name(mode, name), move || {
+                let lab = labs.get(mode).map_err(Failed::from)?;
+                scenario(&lab).map_err(|err| {
+                    Failed::from(format!("{err:#}\n{}", support::agent_log_tails(&lab)))
                 })
             })
         })
         .collect();
     libtest_mimic::run(&args, trials).exit_code()
+}
+
+/// The lab of the mode the running scenarios need: brought up on first use, replaced
+/// (the old one torn down first) when a scenario of the other mode comes.
+#[derive(Default)]
+struct Labs {
+    current: Mutex<Option<(RedirectMode, LabOrError)>>,
+}
+
+/// A lab that came up, or why it did not (so the mode's other scenarios fail fast).
+type LabOrError = Result<Arc<Lab>, String>;
+
+impl Labs {
+    fn get(&self, mode: RedirectMode) -> LabOrError {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((up_mode, lab)) = current.as_ref() {
+            if *up_mode == mode {
+                return lab.clone();
+            }
+        }
+        if current.take().is_some() {
+            Lab::down().map_err(|err| format!("cannot tear the previous lab down: {err:#}"))?;
+        }
+        let options = UpOptions::with_agents(mode).cert_lifetime(CERT_LIFETIME);
+        let lab = Lab::up(&options).map(Arc::new).map_err(|err| {
+            let _ = Lab::down();
+            format!("cannot bring the lab up in {mode} mode: {err:#}")
+        });
+        *current = Some((mode, lab.clone()));
+        lab
+    }
 }

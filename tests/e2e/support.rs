@@ -1,10 +1,13 @@
 //! Helpers shared by the scenarios.
 use std::{
+    collections::BTreeSet,
     net::SocketAddr,
+    path::Path,
+    process::Command,
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context as _, Result};
 use serde_json::Value;
 use warren_lab::{ConnectReport, Lab};
 
@@ -149,4 +152,94 @@ pub fn wait_for_log_line(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The rules (`-A …` lines) of the `nat` table in `target`'s netns, as the nft and the
+/// legacy iptables tools show them, for both address families; each prefixed with the
+/// tool that showed it.
+pub fn nat_rules(lab: &Lab, target: &str) -> Result<Vec<String>> {
+    let mut rules = Vec::new();
+    for tool in [
+        "iptables-nft-save",
+        "ip6tables-nft-save",
+        "iptables-legacy-save",
+        "ip6tables-legacy-save",
+    ] {
+        let out = lab.command(target, tool)?.args(["-t", "nat"]).output()?;
+        ensure!(
+            out.status.success(),
+            "{tool} in {target}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        rules.extend(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.starts_with("-A "))
+                .map(|l| format!("{tool}: {l}")),
+        );
+    }
+    Ok(rules)
+}
+
+/// What a node's redirection consists of, in both modes: its eBPF pins, the kernel's BPF
+/// links (all nodes'), and the iptables rules (`nat`, both backends) in the node's pods.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RedirectState {
+    pub pins: BTreeSet<String>,
+    pub bpf_links: usize,
+    pub rules: Vec<String>,
+}
+
+impl RedirectState {
+    pub fn of(lab: &Lab, node: &str) -> Result<Self> {
+        let pin_dir = Path::new("/sys/fs/bpf/warren").join(node);
+        let pins = if pin_dir.exists() {
+            list_dir(&pin_dir)?
+        } else {
+            BTreeSet::new()
+        };
+        let mut rules = Vec::new();
+        for pod in lab.pods().iter().filter(|p| p.node == node) {
+            let id = format!("{}/{}", pod.namespace, pod.name);
+            rules.extend(
+                nat_rules(lab, &id)?
+                    .into_iter()
+                    .map(|rule| format!("{id}: {rule}")),
+            );
+        }
+        Ok(Self {
+            pins,
+            bpf_links: bpf_links()?,
+            rules,
+        })
+    }
+}
+
+fn list_dir(dir: &Path) -> Result<BTreeSet<String>> {
+    Ok(std::fs::read_dir(dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect())
+}
+
+/// Number of BPF links in the kernel (`bpftool link list`).
+fn bpf_links() -> Result<usize> {
+    let out = Command::new("bpftool")
+        .args(["link", "list"])
+        .output()
+        .context("running bpftool (installed by `cargo xtask setup`)")?;
+    ensure!(
+        out.status.success(),
+        "bpftool link list: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .lines()
+        .filter(|l| {
+            l.split(':')
+                .next()
+                .is_some_and(|id| !id.is_empty() && id.chars().all(|c| c.is_ascii_digit()))
+        })
+        .count())
 }

@@ -1,4 +1,4 @@
-//! 15006: plain TCP to a pod's address, steered here by sk_lookup, is delivered to the app
+//! 15006: plain TCP to a pod's address, steered here by sk_lookup or iptables, is delivered to the app
 //! at the address the client dialled — unless the pod's mTLS mode is STRICT or an
 //! AuthorizationPolicy denies it, in which case it is reset. Connections from the node
 //! itself (kubelet's health probes) are always delivered.
@@ -19,8 +19,8 @@ pub async fn handle(
     peer: SocketAddr,
     pod: Arc<Pod>,
 ) {
-    let dst = match downstream.local_addr() {
-        Ok(local) => SocketAddr::new(local.ip().to_canonical(), local.port()),
+    let dst = match ctx.original_dst.inbound(&downstream, peer) {
+        Ok(dst) => dst,
         Err(err) => {
             tracing::warn!(pod = %pod.workload, %peer, error = %err, "cannot read the destination of an inbound connection");
             return;

@@ -32,7 +32,10 @@ pub async fn handle(
     peer: SocketAddr,
     pod: Arc<Pod>,
 ) {
-    let Some(dst) = ctx.original_dst.take(pod.netns_cookie, peer) else {
+    let Some(dst) = ctx
+        .original_dst
+        .outbound(&downstream, pod.netns_cookie, peer)
+    else {
         tracing::warn!(pod = %pod.workload, %peer, "no original destination recorded for this connection (was it made to port 15001 directly?); closing it");
         return;
     };

@@ -1,4 +1,5 @@
-//! The node agent: validate, choose a redirect mechanism, enroll the node's pods, serve.
+//! The node agent: validate, choose a redirect mechanism, enroll the node's pods, serve;
+//! then [`crate::enrollment`] follows the config as pods join and leave the mesh.
 //!
 //! Start-up is ordered so that a bad input fails before anything is changed: the config,
 //! the metrics port, the CA, the pods' network namespaces, listener ports and
@@ -11,35 +12,27 @@ use std::{
     sync::Arc,
 };
 
-use tokio::{io::unix::AsyncFd, net::TcpListener};
-use warren_common::{INBOUND_PLAINTEXT_PORT, INBOUND_TUNNEL_PORT, OUTBOUND_PORT};
+use tokio::io::unix::AsyncFd;
 
 use crate::{
     config::Config,
     control::local::{LocalConfig, LocalConfigError},
+    enrollment::{self, prepare, Enrollment, PreparedPod, Redirection},
     identity::{CaError, CertificateAuthority, IdentityError, SecretManager},
     metrics::{self, Metrics},
     netns::{Netns, NetnsError},
     policy::{self, PolicyConfig, PolicyError, PolicySet, SharedPolicy},
-    proxy::{self, hbone, Pod, ProxyContext},
+    proxy::{hbone, ProxyContext},
     redirect::{
         self,
-        ebpf::{EbpfRedirect, OriginalDstTable, PodRedirect},
+        ebpf::{EbpfRedirect, PodRedirect},
         iptables::{self, Backend, IptablesRedirect},
-        KernelSupport, Mechanism, OriginalDst, RedirectError,
+        KernelSupport, Mechanism, OriginalDst, RedirectError, RedirectMode,
     },
-    socket::{listen_in, SocketError},
+    socket::SocketError,
     tls,
-    workload::{Workload, WorkloadIndex},
+    workload::{SharedWorkloads, WorkloadIndex},
 };
-
-/// An enrolled pod whose listeners are bound but not yet served.
-struct PreparedPod {
-    pod: Pod,
-    outbound: TcpListener,
-    inbound_plaintext: TcpListener,
-    tunnel: TcpListener,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -96,7 +89,14 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         return Err(AgentError::NotRoot);
     }
     Netns::init_home().map_err(AgentError::Home)?;
-    let local = LocalConfig::load(&config.config_file)?;
+    // The text read here is what the config watch compares against, so a change made
+    // while the agent starts is not missed.
+    let config_text =
+        std::fs::read_to_string(&config.config_file).map_err(|source| LocalConfigError::Read {
+            path: config.config_file.clone(),
+            source,
+        })?;
+    let local = LocalConfig::parse(&config_text, &config.config_file)?;
     let workloads = local.enrolled_on(&config.node);
 
     let policy_config = PolicyConfig {
@@ -115,123 +115,58 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let ca = CertificateAuthority::load(&config.ca_dir)?;
     let secrets = SecretManager::new(Arc::new(ca), config.cert_lifetime);
 
-    // Pods: every enrolled pod's netns must exist and its ports must be free.
+    // Pods: every enrolled pod's netns must exist, its ports must be free, and its
+    // identity must get a certificate.
     let mut prepared = Vec::with_capacity(workloads.len());
     for workload in &workloads {
-        let id = workload.to_string();
-        if let Some(cgroup) = &workload.cgroup {
-            if !cgroup.is_dir() {
-                return Err(AgentError::PodCgroup {
-                    workload: id,
-                    path: cgroup.clone(),
-                });
-            }
-        }
-        let netns = Netns::open(&workload.netns).map_err(|source| AgentError::PodNetns {
-            workload: id.clone(),
-            source,
-        })?;
-        let netns_cookie = netns.cookie().map_err(|source| AgentError::PodNetns {
-            workload: id.clone(),
-            source,
-        })?;
-        let listener = |port| {
-            listen_in(&netns, port).map_err(|source| AgentError::Listener {
-                workload: id.clone(),
-                source,
-            })
-        };
-        let outbound = listener(OUTBOUND_PORT)?;
-        let inbound_plaintext = listener(INBOUND_PLAINTEXT_PORT)?;
-        let tunnel = listener(INBOUND_TUNNEL_PORT)?;
-        let identity =
-            workload
-                .identity(&config.trust_domain)
-                .map_err(|source| AgentError::Identity {
-                    workload: id.clone(),
-                    source,
-                })?;
-        secrets
-            .fetch(&identity)
-            .await
-            .map_err(|source| AgentError::Certificate {
-                identity: identity.to_string(),
-                source,
-            })?;
-        let tls_server =
-            tls::server_config(secrets.clone(), identity.clone()).map_err(|source| {
-                AgentError::Tls {
-                    identity: identity.to_string(),
-                    source,
-                }
-            })?;
-        let pod = Pod {
-            workload: workload.clone(),
-            identity,
-            netns,
-            netns_cookie,
-            tls_server,
-        };
-        prepared.push(PreparedPod {
-            pod,
-            outbound,
-            inbound_plaintext,
-            tunnel,
-        });
+        prepared.push(prepare(workload, &config.trust_domain, &secrets).await?);
     }
 
     // Then the kernel.
     let support = KernelSupport::probe(&config.bpffs, &config.probe_pretend_missing);
     // eBPF with a missing feature (bpffs included, with the command that mounts it)
     // stops here; auto falls back to iptables.
-    let mechanism = redirect::choose(config.redirect, &support)?;
-    let not_enrolled: Vec<&Workload> = local
+    let chosen = redirect::choose(config.redirect, &support)?;
+    let not_enrolled: Vec<&Path> = local
         .workloads
         .iter()
         .filter(|w| w.node == config.node && !w.in_mesh)
-        .map(|w| w.as_ref())
+        .map(|w| w.netns.as_path())
         .collect();
-    let (redirection, original_dst) = match mechanism {
-        Mechanism::Ebpf => {
-            let cgroup_root = config
-                .cgroup_root
-                .clone()
-                .or(support.cgroup2_root.clone())
-                .ok_or(AgentError::NoCgroup2)?;
-            let (ebpf, original_dst) = install_ebpf(&config, &cgroup_root, &prepared)?;
-            // A node switched from iptables keeps none of its rules.
-            remove_iptables_rules(prepared.iter().map(|p| p.pod.netns.path()));
-            remove_iptables_rules(not_enrolled.iter().map(|w| w.netns.as_path()));
-            (
-                Redirection::Ebpf(Box::new(ebpf)),
-                OriginalDst::Ebpf(original_dst),
-            )
-        }
-        Mechanism::Iptables => {
-            // A node switched from eBPF keeps none of its programs.
-            match redirect::remove_ebpf_pins(&config.pin_dir) {
-                Ok(0) => {}
-                Ok(pins) => {
-                    tracing::info!(pin_dir = %config.pin_dir.display(), pins, "removed the eBPF redirection of an earlier run")
-                }
-                Err(err) => {
-                    tracing::warn!(pin_dir = %config.pin_dir.display(), error = %err, "cannot remove the eBPF redirection of an earlier run")
-                }
+    let installed = match chosen {
+        Mechanism::Ebpf => match install_ebpf(&config, &support, &prepared) {
+            Ok(installed) => Ok(installed),
+            // The probe saw the features, yet loading failed (a verifier or helper this
+            // kernel lacks): auto still has a way to protect the pods.
+            Err(err) if config.redirect == RedirectMode::Auto => {
+                tracing::warn!("redirect mode: iptables, because eBPF redirection could not be installed: {err}");
+                install_iptables(&config, &prepared)
             }
-            let backend = Backend::choose(config.iptables_backend).map_err(RedirectError::from)?;
-            let iptables = IptablesRedirect::new(backend, node_addresses());
-            for p in &prepared {
-                iptables.enroll(&p.pod.netns).map_err(RedirectError::from)?;
-            }
-            remove_iptables_rules(not_enrolled.iter().map(|w| w.netns.as_path()));
-            tracing::info!(%backend, pods = prepared.len(), "iptables rules written in the pods' network namespaces");
-            (Redirection::Iptables(iptables), OriginalDst::Conntrack)
-        }
+            Err(err) => Err(err),
+        },
+        Mechanism::Iptables => install_iptables(&config, &prepared),
     };
+    let (mechanism, redirection, original_dst) = installed?;
+    // A node switched from the other mode keeps nothing of it; pods that left the mesh
+    // while no agent ran lose their rules.
+    match mechanism {
+        Mechanism::Ebpf => {
+            remove_iptables_rules(prepared.iter().map(|p| p.pod.netns.path()));
+        }
+        Mechanism::Iptables => match redirect::remove_ebpf_pins(&config.pin_dir) {
+            Ok(0) => {}
+            Ok(pins) => {
+                tracing::info!(pin_dir = %config.pin_dir.display(), pins, "removed the eBPF redirection of an earlier run")
+            }
+            Err(err) => {
+                tracing::warn!(pin_dir = %config.pin_dir.display(), error = %err, "cannot remove the eBPF redirection of an earlier run")
+            }
+        },
+    }
+    remove_iptables_rules(not_enrolled.into_iter());
 
     let pool = hbone::Pool::new(hbone::PoolConfig::default());
     let metrics = Arc::new(Metrics::new(pool.clone())?);
-    metrics.set_enrolled_pods(prepared.len());
     tokio::spawn(metrics::serve(metrics_listener, metrics.clone()));
     if let Some(path) = &config.policy {
         tokio::spawn(policy::watch::watch(
@@ -241,73 +176,56 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         ));
     }
     let ctx = Arc::new(ProxyContext {
-        workloads: WorkloadIndex::new(local.workloads.iter().cloned()),
+        workloads: SharedWorkloads::new(WorkloadIndex::new(local.workloads.iter().cloned())),
         original_dst,
         trust_domain: config.trust_domain.clone(),
-        secrets,
+        secrets: secrets.clone(),
         pool,
         policy,
         node_ips: node_addresses(),
         metrics,
     });
-    let names: Vec<String> = prepared
-        .iter()
-        .map(|p| p.pod.workload.to_string())
-        .collect();
-    for PreparedPod {
-        pod,
-        outbound,
-        inbound_plaintext,
-        tunnel,
-    } in prepared
-    {
-        let pod = Arc::new(pod);
-        let c = ctx.clone();
-        tokio::spawn(proxy::accept_loop(
-            outbound,
-            "outbound",
-            pod.clone(),
-            move |s, p, pod| proxy::outbound::handle(c.clone(), s, p, pod),
-        ));
-        let c = ctx.clone();
-        tokio::spawn(proxy::accept_loop(
-            inbound_plaintext,
-            "inbound-plaintext",
-            pod.clone(),
-            move |s, p, pod| proxy::inbound_passthrough::handle(c.clone(), s, p, pod),
-        ));
-        let c = ctx.clone();
-        tokio::spawn(proxy::accept_loop(
-            tunnel,
-            "inbound-tunnel",
-            pod,
-            move |s, p, pod| proxy::inbound::handle(c.clone(), s, p, pod),
-        ));
+    let mut enrollment = Enrollment::new(
+        config.node.clone(),
+        config.trust_domain.clone(),
+        secrets,
+        redirection,
+        ctx,
+    );
+    for pod in prepared {
+        enrollment.serve(pod);
     }
+    let names = enrollment.names();
+    // From here on, pods join and leave the mesh as the config file says.
+    tokio::spawn(enrollment::watch_config(
+        config.config_file.clone(),
+        config_text.into_bytes(),
+        enrollment,
+    ));
     tracing::info!(node = %config.node, pods = ?names, mode = %mechanism, "agent ready");
 
     wait_for_shutdown().await;
     tracing::info!("shutting down; redirection stays in place, so captured pods fail closed until an agent returns (`warren uninstall` removes it)");
-    drop(redirection);
     Ok(())
 }
 
-/// The redirection in force, held (not read) until the agent exits: for eBPF, the
-/// loaded object whose maps the data path uses.
-#[allow(dead_code)]
-enum Redirection {
-    Ebpf(Box<EbpfRedirect>),
-    Iptables(IptablesRedirect),
-}
+/// A redirection installed for the prepared pods, and how the proxy reads original
+/// destinations under it.
+type Installed = (Mechanism, Redirection, OriginalDst);
 
 /// Load the eBPF programs and enroll the prepared pods; pods that left are released.
 fn install_ebpf(
     config: &Config,
-    cgroup_root: &Path,
+    support: &KernelSupport,
     prepared: &[PreparedPod],
-) -> Result<(EbpfRedirect, OriginalDstTable), AgentError> {
+) -> Result<Installed, AgentError> {
+    let cgroup_root = config
+        .cgroup_root
+        .clone()
+        .or(support.cgroup2_root.clone())
+        .ok_or(AgentError::NoCgroup2)?;
     let (mut ebpf, original_dst) =
-        EbpfRedirect::install(&config.pin_dir, cgroup_root).map_err(RedirectError::from)?;
+        EbpfRedirect::install(&config.pin_dir, &cgroup_root).map_err(RedirectError::from)?;
     tracing::info!(pin_dir = %config.pin_dir.display(), cgroup_root = %cgroup_root.display(), "eBPF programs attached");
     match ebpf.take_logger() {
         Ok(logger) => {
@@ -328,7 +246,26 @@ fn install_ebpf(
         ebpf.enroll(pod).map_err(RedirectError::from)?;
     }
     ebpf.retain(&enrolled).map_err(RedirectError::from)?;
-    Ok((ebpf, original_dst))
+    Ok((
+        Mechanism::Ebpf,
+        Redirection::Ebpf(Box::new(ebpf)),
+        OriginalDst::Ebpf(original_dst),
+    ))
+}
+
+/// Write the iptables rules of every prepared pod, with the node's backend.
+fn install_iptables(config: &Config, prepared: &[PreparedPod]) -> Result<Installed, AgentError> {
+    let backend = Backend::choose(config.iptables_backend).map_err(RedirectError::from)?;
+    let rules = IptablesRedirect::new(backend, node_addresses());
+    for p in prepared {
+        rules.enroll(&p.pod.netns).map_err(RedirectError::from)?;
+    }
+    tracing::info!(%backend, pods = prepared.len(), "iptables rules written in the pods' network namespaces");
+    Ok((
+        Mechanism::Iptables,
+        Redirection::Iptables(rules),
+        OriginalDst::Conntrack,
+    ))
 }
 
 /// Remove warren's iptables rules from these pods' netns, if any are there: pods that

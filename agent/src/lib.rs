@@ -7,6 +7,7 @@ pub mod agent;
 pub mod check;
 pub mod config;
 pub mod control;
+pub mod enrollment;
 pub mod identity;
 pub mod metrics;
 pub mod netns;

@@ -29,12 +29,13 @@ use crate::{
     netns::Netns,
     policy::{PolicyRef, SharedPolicy},
     redirect::OriginalDst,
-    workload::{Workload, WorkloadIndex},
+    workload::{SharedWorkloads, Workload},
 };
 
 /// What every connection handler needs, shared by all pods of the node.
 pub struct ProxyContext {
-    pub workloads: WorkloadIndex,
+    /// Every known workload by address; replaced when pods join or leave the mesh.
+    pub workloads: SharedWorkloads,
     pub original_dst: OriginalDst,
     pub trust_domain: String,
     pub secrets: Arc<SecretManager>,

@@ -68,3 +68,33 @@ impl WorkloadIndex {
         self.by_ip.get(&ip.to_canonical())
     }
 }
+
+/// The workload index in force, shared by every connection handler and replaced when the
+/// control plane changes (a pod joins or leaves the mesh).
+#[derive(Debug, Default)]
+pub struct SharedWorkloads {
+    current: std::sync::RwLock<Arc<WorkloadIndex>>,
+}
+
+impl SharedWorkloads {
+    pub fn new(index: WorkloadIndex) -> Self {
+        Self {
+            current: std::sync::RwLock::new(Arc::new(index)),
+        }
+    }
+
+    /// The index in force now (a cheap clone: one Arc).
+    pub fn current(&self) -> Arc<WorkloadIndex> {
+        self.current
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    pub fn replace(&self, index: WorkloadIndex) {
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(index);
+    }
+}

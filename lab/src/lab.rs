@@ -508,6 +508,50 @@ impl Lab {
         )
     }
 
+    /// Enroll (`enrolled: true`) or remove a namespace from the mesh while the agents
+    /// run, as labelling a namespace would in a cluster: `lab.yaml` is rewritten
+    /// atomically and the agents reconcile within a couple of seconds. Returns whether
+    /// anything changed. `state.json` follows (so `lab status` shows it); the
+    /// [`Topology`] this `Lab` was loaded with does not.
+    pub fn set_namespace_enrolled(&self, namespace: &str, enrolled: bool) -> Result<bool> {
+        let lock = self.dir.lock()?;
+        let mut state = self.read_state()?;
+        let topology = &mut state.topology;
+        if !topology.pods.iter().any(|p| p.namespace == namespace) {
+            let mut known: Vec<&str> = topology.pods.iter().map(|p| p.namespace.as_str()).collect();
+            known.sort_unstable();
+            known.dedup();
+            bail!(
+                "the lab has no namespace {namespace:?}; namespaces: {}",
+                known.join(", ")
+            );
+        }
+        let already = topology.mesh_namespaces.iter().any(|n| n == namespace);
+        if already == enrolled {
+            return Ok(false);
+        }
+        if enrolled {
+            topology.mesh_namespaces.push(namespace.to_owned());
+        } else {
+            topology.mesh_namespaces.retain(|n| n != namespace);
+        }
+        for pod in topology
+            .pods
+            .iter_mut()
+            .filter(|p| p.namespace == namespace)
+        {
+            pod.enrolled = enrolled;
+        }
+        let path = self.dir.config();
+        let tmp = path.with_extension("yaml.tmp");
+        fs::write(&tmp, AgentConfig::for_topology(topology).to_yaml()?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        fs::rename(&tmp, &path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        self.write(&lock, state)?;
+        Ok(true)
+    }
+
     /// The directory of Istio policy YAML (PeerAuthentication, AuthorizationPolicy) every
     /// agent reads at start-up.
     pub fn policy_dir(&self) -> PathBuf {

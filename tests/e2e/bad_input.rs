@@ -29,6 +29,7 @@ pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
         "bad_input::auto_without_sk_lookup_picks_iptables",
         auto_without_sk_lookup_picks_iptables,
     ),
+    ("bad_input::ebpf_attach_failure", ebpf_attach_failure),
     (
         "bad_input::second_agent_for_a_node_is_refused",
         second_agent_for_a_node,
@@ -219,12 +220,69 @@ fn kernel_without_bpf(lab: &Lab) -> Result<()> {
 /// the missing feature, and pins nothing.
 fn auto_without_sk_lookup_picks_iptables(lab: &Lab) -> Result<()> {
     let (_dir, config) = config_file(EMPTY)?;
-    let _ = std::fs::remove_dir_all(BAD_BPF_ROOT);
-    let mut cmd = agent(
-        lab,
-        &config,
-        &["--redirect", "auto", "--probe-pretend-missing", "sk-lookup"],
+    expect_iptables_fallback(
+        agent(
+            lab,
+            &config,
+            &["--redirect", "auto", "--probe-pretend-missing", "sk-lookup"],
+        )?,
+        "sk_lookup",
+    )
+}
+
+/// The probe finds every feature, yet the programs cannot be attached (here: the cgroup
+/// root given is no cgroup): `ebpf` stops with the reason and leaves no pin behind;
+/// `auto` falls back to iptables and says why.
+fn ebpf_attach_failure(lab: &Lab) -> Result<()> {
+    let (dir, config) = config_file(EMPTY)?;
+    let not_a_cgroup = dir.path().to_str().context("temp dir path")?.to_owned();
+    expect_failure(
+        agent(
+            lab,
+            &config,
+            &["--redirect", "ebpf", "--cgroup-root", &not_a_cgroup],
+        )?,
+        1,
+        &["eBPF program", "warren_connect4"],
     )?;
+    expect_iptables_fallback(
+        agent(
+            lab,
+            &config,
+            &["--redirect", "auto", "--cgroup-root", &not_a_cgroup],
+        )?,
+        "could not be installed",
+    )
+}
+
+/// Run the agent until it is ready; it must have chosen iptables with a log line
+/// containing `because`, and pinned nothing.
+fn expect_iptables_fallback(mut cmd: Command, because: &str) -> Result<()> {
+    let _ = std::fs::remove_dir_all(BAD_BPF_ROOT);
+    let seen = run_until_ready(&mut cmd)?;
+    let log = seen.join("\n");
+    ensure!(
+        seen.iter()
+            .any(|l| l.contains("redirect mode: iptables") && l.contains(because)),
+        "a line should say the mode is iptables because of {because:?}:\n{log}"
+    );
+    ensure!(
+        seen.iter()
+            .any(|l| l.contains("mode=iptables") && l.contains("agent ready")),
+        "the agent should report running in iptables mode:\n{log}"
+    );
+    let leftover = Path::new(BAD_BPF_ROOT).exists();
+    let _ = std::fs::remove_dir_all(BAD_BPF_ROOT);
+    ensure!(
+        !leftover,
+        "iptables mode left something under {BAD_BPF_ROOT}"
+    );
+    Ok(())
+}
+
+/// Start `cmd` (an agent), collect its stderr lines until it logs "agent ready" (20 s at
+/// most), stop it, and return the lines.
+fn run_until_ready(cmd: &mut Command) -> Result<Vec<String>> {
     let mut child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -241,41 +299,27 @@ fn auto_without_sk_lookup_picks_iptables(lab: &Lab) -> Result<()> {
     });
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut seen = Vec::new();
-    let outcome = loop {
+    let ready = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match lines.recv_timeout(left) {
             Ok(line) => {
                 let ready = line.contains("agent ready");
                 seen.push(line);
                 if ready {
-                    break Ok(());
+                    break true;
                 }
             }
-            Err(_) => break Err(anyhow::anyhow!("the agent did not get ready within 20 s")),
+            Err(_) => break false,
         }
     };
     let _ = child.kill();
     let _ = child.wait();
-    let log = seen.join("\n");
-    outcome.with_context(|| format!("stderr:\n{log}"))?;
-    let choice = seen
-        .iter()
-        .find(|l| l.contains("redirect mode:"))
-        .with_context(|| format!("no line says which redirect mode was chosen:\n{log}"))?;
     ensure!(
-        choice.contains("redirect mode: iptables") && choice.contains("sk_lookup"),
-        "the choice should be iptables, because of sk_lookup: {choice}"
+        ready,
+        "the agent did not get ready within 20 s; stderr:\n{}",
+        seen.join("\n")
     );
-    ensure!(
-        seen.iter()
-            .any(|l| l.contains("mode=iptables") && l.contains("agent ready")),
-        "the agent should report running in iptables mode:\n{log}"
-    );
-    ensure!(
-        !Path::new(BAD_BPF_ROOT).exists(),
-        "iptables mode pinned something under {BAD_BPF_ROOT}"
-    );
-    Ok(())
+    Ok(seen)
 }
 
 /// Starting a second agent for n1 fails on the busy ports before touching the kernel,

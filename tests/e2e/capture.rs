@@ -172,7 +172,8 @@ fn agent_restart(lab: &Lab) -> Result<()> {
         let meanwhile = RedirectState::of(lab, "n1")?;
         ensure!(
             meanwhile == before,
-            "the redirection changed while the agent was down:\nbefore {before:?}\nmeanwhile {meanwhile:?}"
+            "the redirection changed while the agent was down: {}",
+            before.diff(&meanwhile)
         );
         Ok(())
     })();
@@ -190,7 +191,8 @@ fn agent_restart(lab: &Lab) -> Result<()> {
     let after = RedirectState::of(lab, "n1")?;
     ensure!(
         after == before,
-        "the redirection differs after the restart:\nbefore {before:?}\nafter  {after:?}"
+        "the redirection differs after the restart: {}",
+        before.diff(&after)
     );
     Ok(())
 }

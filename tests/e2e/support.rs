@@ -213,6 +213,22 @@ impl RedirectState {
             rules,
         })
     }
+
+    /// What `later` has that `self` has not, and the reverse, in a few lines (the whole
+    /// state is long).
+    pub fn diff(&self, later: &RedirectState) -> String {
+        let rules_before: BTreeSet<&String> = self.rules.iter().collect();
+        let rules_after: BTreeSet<&String> = later.rules.iter().collect();
+        format!(
+            "pins added {:?}, removed {:?}; rules added {:?}, removed {:?}; BPF links {} → {}",
+            later.pins.difference(&self.pins).collect::<Vec<_>>(),
+            self.pins.difference(&later.pins).collect::<Vec<_>>(),
+            rules_after.difference(&rules_before).collect::<Vec<_>>(),
+            rules_before.difference(&rules_after).collect::<Vec<_>>(),
+            self.bpf_links,
+            later.bpf_links,
+        )
+    }
 }
 
 fn list_dir(dir: &Path) -> Result<BTreeSet<String>> {

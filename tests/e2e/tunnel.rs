@@ -235,8 +235,6 @@ fn echo_options(addr: SocketAddr, bytes: u64) -> ConnectOptions {
     ConnectOptions::tcp(addr, AppMode::Echo, bytes)
 }
 
-/// The established TCP connections to `ip`'s tunnel port in `pod`'s netns, as `ss`
-/// lists them: the HBONE connections the pod's agent dialled for it.
 /// The value of a metric series on `node`'s agent.
 fn metric(lab: &Lab, node: &str, series: &str) -> Result<u64> {
     let page = crate::support::metrics_page(lab, node)?;

@@ -32,7 +32,8 @@ fn removes_everything(lab: &Lab) -> Result<()> {
         let after = RedirectState::of(lab, "n1")?;
         ensure!(
             after.pins.is_empty() && after.rules.is_empty(),
-            "warren state left on n1 after uninstall: {after:?}"
+            "warren state left on n1 after uninstall: {}",
+            installed.diff(&after)
         );
         ensure!(
             !std::path::Path::new("/sys/fs/bpf/warren/n1").exists(),
@@ -78,7 +79,8 @@ fn removes_everything(lab: &Lab) -> Result<()> {
     let back = RedirectState::of(lab, "n1")?;
     ensure!(
         back.pins == installed.pins && back.rules == installed.rules,
-        "the restarted agent should put the same redirection back:\nbefore {installed:?}\nafter  {back:?}"
+        "the restarted agent should put the same redirection back: {}",
+        installed.diff(&back)
     );
     Ok(())
 }

@@ -57,6 +57,18 @@ pub enum LabCommand {
         #[arg(short = 'f', long = "filename")]
         file: std::path::PathBuf,
     },
+    /// Put a namespace's pods in the mesh while the agents run (like labelling the
+    /// namespace `warren.dev/mesh=enabled`); the agents capture them within seconds.
+    Enroll {
+        /// The namespace (`legacy`).
+        namespace: String,
+    },
+    /// Take a namespace's pods out of the mesh while the agents run; their connections
+    /// flow directly again.
+    Unenroll {
+        /// The namespace (`demo`).
+        namespace: String,
+    },
 }
 
 pub fn run(command: LabCommand) -> Result<ExitCode> {
@@ -130,6 +142,28 @@ pub fn run(command: LabCommand) -> Result<ExitCode> {
         LabCommand::Delete { file } => {
             let removed = Lab::load()?.delete_policy(&file)?;
             println!("deleted {}", removed.display());
+        }
+        LabCommand::Enroll { namespace } => {
+            let changed = Lab::load()?.set_namespace_enrolled(&namespace, true)?;
+            println!(
+                "{}",
+                if changed {
+                    format!("namespace {namespace} enrolled; the agents capture its pods within seconds")
+                } else {
+                    format!("namespace {namespace} is already in the mesh")
+                }
+            );
+        }
+        LabCommand::Unenroll { namespace } => {
+            let changed = Lab::load()?.set_namespace_enrolled(&namespace, false)?;
+            println!(
+                "{}",
+                if changed {
+                    format!("namespace {namespace} left the mesh; the agents release its pods within seconds")
+                } else {
+                    format!("namespace {namespace} is not in the mesh")
+                }
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

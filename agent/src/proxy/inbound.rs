@@ -74,7 +74,7 @@ async fn stream(
     record.security = Security::MutualTls;
     let src_ip = request.forwarded_for().unwrap_or(peer.ip()).to_canonical();
     record.src_addr = Some(src_ip.to_string());
-    record.src_workload = ctx.workloads.by_ip(src_ip).map(|w| w.to_string());
+    record.src_workload = ctx.workloads.current().by_ip(src_ip).map(|w| w.to_string());
     record.src_identity = Some(peer_identity.to_string());
     record.dst_workload = Some(pod.workload.to_string());
     record.dst_identity = Some(pod.identity.to_string());

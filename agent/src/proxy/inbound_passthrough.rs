@@ -28,7 +28,11 @@ pub async fn handle(
     };
     let mut record = ConnectionRecord::new(new_connection_id(), Direction::Inbound, dst);
     record.src_addr = Some(peer.to_string());
-    record.src_workload = ctx.workloads.by_ip(peer.ip()).map(|w| w.to_string());
+    record.src_workload = ctx
+        .workloads
+        .current()
+        .by_ip(peer.ip())
+        .map(|w| w.to_string());
     record.dst_workload = Some(pod.workload.to_string());
     record.dst_identity = Some(pod.identity.to_string());
     if !ctx.node_ips.contains(&peer.ip()) {

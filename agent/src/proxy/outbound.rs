@@ -39,7 +39,7 @@ pub async fn handle(
         tracing::warn!(pod = %pod.workload, %peer, "no original destination recorded for this connection (was it made to port 15001 directly?); closing it");
         return;
     };
-    let dst_workload = ctx.workloads.by_ip(dst.ip()).cloned();
+    let dst_workload = ctx.workloads.current().by_ip(dst.ip()).cloned();
     let mut record = ConnectionRecord::new(new_connection_id(), Direction::Outbound, dst);
     record.src_workload = Some(pod.workload.to_string());
     record.src_identity = Some(pod.identity.to_string());

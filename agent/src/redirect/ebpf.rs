@@ -111,20 +111,31 @@ impl OriginalDstTable {
 
 impl EbpfRedirect {
     /// Load and attach the programs, reusing pinned maps and replacing pinned links.
-    /// When this run created the pin directory and fails, it removes it again, so a failed
-    /// first start leaves nothing behind.
+    /// When this run created the pin directory (and the root above it) and fails, it
+    /// removes them again, so a failed first start leaves nothing behind.
     pub fn install(
         pin_dir: &Path,
         cgroup_root: &Path,
     ) -> Result<(Self, OriginalDstTable), EbpfError> {
-        let created = !pin_dir.exists();
+        // The directories this run creates (the node's, and the root above it on a
+        // node's first start), innermost first.
+        let created: Vec<PathBuf> = pin_dir
+            .ancestors()
+            .take_while(|dir| !dir.as_os_str().is_empty() && !dir.exists())
+            .map(Path::to_path_buf)
+            .collect();
         std::fs::create_dir_all(pin_dir).map_err(|source| EbpfError::PinDir {
             path: pin_dir.to_owned(),
             source,
         })?;
         let result = Self::load_and_attach(pin_dir, cgroup_root);
-        if result.is_err() && created {
-            let _ = std::fs::remove_dir_all(pin_dir);
+        if result.is_err() {
+            if let Some(node_dir) = created.first() {
+                let _ = std::fs::remove_dir_all(node_dir);
+            }
+            for parent in created.iter().skip(1) {
+                let _ = std::fs::remove_dir(parent);
+            }
         }
         result
     }

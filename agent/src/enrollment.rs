@@ -1,0 +1,341 @@
+//! The node's enrolled pods, kept in step with the control plane while the agent runs.
+//!
+//! A pod that joins the mesh (its namespace is enrolled, or it appears) is **prepared**
+//! (its netns opened, the three listeners bound in it, its certificate issued), then
+//! **captured** (redirection added), then **served** (accept loops). A pod that leaves is
+//! **released** in the opposite order: redirection removed first — new connections flow
+//! directly again — then its listeners closed. Connections it already has run to their
+//! end on their own tasks, and no other pod is touched either way.
+//!
+//! In local mode the control plane is the `--config` file, re-read when it changes
+//! ([`watch_config`]); a file that does not decode is refused and the pods in the mesh
+//! stay as they are.
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, task::JoinHandle};
+use warren_common::{INBOUND_PLAINTEXT_PORT, INBOUND_TUNNEL_PORT, OUTBOUND_PORT};
+
+use crate::{
+    agent::AgentError,
+    control::local::LocalConfig,
+    identity::SecretManager,
+    netns::Netns,
+    proxy::{self, Pod, ProxyContext},
+    redirect::{
+        ebpf::{EbpfRedirect, PodRedirect},
+        iptables::{self, IptablesRedirect},
+        RedirectError,
+    },
+    socket::listen_in,
+    tls,
+    workload::{Workload, WorkloadIndex},
+};
+
+/// How often the config file is checked for changes, and how soon a pod that could not
+/// be enrolled is tried again.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// An enrolled pod whose listeners are bound but not yet served.
+pub struct PreparedPod {
+    pub pod: Pod,
+    pub outbound: TcpListener,
+    pub inbound_plaintext: TcpListener,
+    pub tunnel: TcpListener,
+}
+
+/// Everything a pod needs before it can be captured: its netns must exist, its ports must
+/// be free, and its identity must have a certificate (a captured pod without one could
+/// not talk). Nothing is changed in the kernel yet; on error, nothing is left behind.
+pub async fn prepare(
+    workload: &Arc<Workload>,
+    trust_domain: &str,
+    secrets: &Arc<SecretManager>,
+) -> Result<PreparedPod, AgentError> {
+    let id = workload.to_string();
+    if let Some(cgroup) = &workload.cgroup {
+        if !cgroup.is_dir() {
+            return Err(AgentError::PodCgroup {
+                workload: id,
+                path: cgroup.clone(),
+            });
+        }
+    }
+    let netns = Netns::open(&workload.netns).map_err(|source| AgentError::PodNetns {
+        workload: id.clone(),
+        source,
+    })?;
+    let netns_cookie = netns.cookie().map_err(|source| AgentError::PodNetns {
+        workload: id.clone(),
+        source,
+    })?;
+    let listener = |port| {
+        listen_in(&netns, port).map_err(|source| AgentError::Listener {
+            workload: id.clone(),
+            source,
+        })
+    };
+    let outbound = listener(OUTBOUND_PORT)?;
+    let inbound_plaintext = listener(INBOUND_PLAINTEXT_PORT)?;
+    let tunnel = listener(INBOUND_TUNNEL_PORT)?;
+    let identity = workload
+        .identity(trust_domain)
+        .map_err(|source| AgentError::Identity {
+            workload: id.clone(),
+            source,
+        })?;
+    secrets
+        .fetch(&identity)
+        .await
+        .map_err(|source| AgentError::Certificate {
+            identity: identity.to_string(),
+            source,
+        })?;
+    let tls_server = tls::server_config(secrets.clone(), identity.clone()).map_err(|source| {
+        AgentError::Tls {
+            identity: identity.to_string(),
+            source,
+        }
+    })?;
+    Ok(PreparedPod {
+        pod: Pod {
+            workload: workload.clone(),
+            identity,
+            netns,
+            netns_cookie,
+            tls_server,
+        },
+        outbound,
+        inbound_plaintext,
+        tunnel,
+    })
+}
+
+/// The redirection in force. For eBPF it holds the loaded object, whose maps the data
+/// path uses: it lives as long as the agent.
+pub enum Redirection {
+    Ebpf(Box<EbpfRedirect>),
+    Iptables(IptablesRedirect),
+}
+
+impl Redirection {
+    /// Capture a prepared pod (its listeners already listen).
+    pub fn capture(&mut self, prepared: &PreparedPod) -> Result<(), RedirectError> {
+        let pod = &prepared.pod;
+        match self {
+            Redirection::Ebpf(ebpf) => ebpf.enroll(&PodRedirect {
+                netns: &pod.netns,
+                netns_cookie: pod.netns_cookie,
+                ips: &pod.workload.ips,
+                inbound_listener: std::os::fd::AsRawFd::as_raw_fd(&prepared.inbound_plaintext),
+            })?,
+            Redirection::Iptables(rules) => {
+                tokio::task::block_in_place(|| rules.enroll(&pod.netns))?
+            }
+        }
+        Ok(())
+    }
+
+    /// Stop capturing `pod`: its new connections flow directly.
+    pub fn release(&mut self, pod: &Pod) -> Result<(), RedirectError> {
+        match self {
+            Redirection::Ebpf(ebpf) => {
+                let ips: Vec<_> = pod.workload.ips.iter().map(|&ip| ip.into()).collect();
+                ebpf.unenroll(pod.netns_cookie, &ips)?;
+            }
+            Redirection::Iptables(_) => {
+                tokio::task::block_in_place(|| iptables::remove(&pod.netns))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A pod being served: its accept loops stop (closing its listeners) when it is dropped.
+struct ServedPod {
+    pod: Arc<Pod>,
+    accept_loops: Vec<JoinHandle<()>>,
+}
+
+impl Drop for ServedPod {
+    fn drop(&mut self) {
+        for task in &self.accept_loops {
+            task.abort();
+        }
+    }
+}
+
+/// The pods this agent serves, and how they are captured.
+pub struct Enrollment {
+    node: String,
+    trust_domain: String,
+    secrets: Arc<SecretManager>,
+    redirection: Redirection,
+    ctx: Arc<ProxyContext>,
+    /// By `namespace/name`.
+    served: BTreeMap<String, ServedPod>,
+}
+
+impl Enrollment {
+    pub fn new(
+        node: String,
+        trust_domain: String,
+        secrets: Arc<SecretManager>,
+        redirection: Redirection,
+        ctx: Arc<ProxyContext>,
+    ) -> Self {
+        Self {
+            node,
+            trust_domain,
+            secrets,
+            redirection,
+            ctx,
+            served: BTreeMap::new(),
+        }
+    }
+
+    /// Names of the pods served, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.served.keys().cloned().collect()
+    }
+
+    /// Serve a pod that is already captured: accept on its three listeners.
+    pub fn serve(&mut self, prepared: PreparedPod) {
+        let PreparedPod {
+            pod,
+            outbound,
+            inbound_plaintext,
+            tunnel,
+        } = prepared;
+        let pod = Arc::new(pod);
+        let ctx = &self.ctx;
+        let c = ctx.clone();
+        let outbound = tokio::spawn(proxy::accept_loop(
+            outbound,
+            "outbound",
+            pod.clone(),
+            move |s, p, pod| proxy::outbound::handle(c.clone(), s, p, pod),
+        ));
+        let c = ctx.clone();
+        let inbound_plaintext = tokio::spawn(proxy::accept_loop(
+            inbound_plaintext,
+            "inbound-plaintext",
+            pod.clone(),
+            move |s, p, pod| proxy::inbound_passthrough::handle(c.clone(), s, p, pod),
+        ));
+        let c = ctx.clone();
+        let tunnel = tokio::spawn(proxy::accept_loop(
+            tunnel,
+            "inbound-tunnel",
+            pod.clone(),
+            move |s, p, pod| proxy::inbound::handle(c.clone(), s, p, pod),
+        ));
+        self.served.insert(
+            pod.workload.to_string(),
+            ServedPod {
+                pod,
+                accept_loops: vec![outbound, inbound_plaintext, tunnel],
+            },
+        );
+        self.ctx.metrics.set_enrolled_pods(self.served.len());
+    }
+
+    /// Bring the served pods in line with `local`: release the pods that left the mesh
+    /// (or changed), then enroll the ones that joined. Returns whether every pod that
+    /// should be served is; the ones that failed are logged and tried again later.
+    pub async fn reconcile(&mut self, local: &LocalConfig) -> bool {
+        let wanted: BTreeMap<String, Arc<Workload>> = local
+            .enrolled_on(&self.node)
+            .into_iter()
+            .map(|w| (w.to_string(), w))
+            .collect();
+        let leaving: Vec<String> = self
+            .served
+            .iter()
+            .filter(|(name, served)| {
+                wanted
+                    .get(*name)
+                    .is_none_or(|w| **w != *served.pod.workload)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in leaving {
+            self.release(&name);
+        }
+
+        let mut complete = true;
+        for (name, workload) in wanted {
+            if self.served.contains_key(&name) {
+                continue;
+            }
+            match self.enroll(&workload).await {
+                Ok(()) => tracing::info!(pod = %name, "pod joined the mesh: captured and served"),
+                Err(err) => {
+                    complete = false;
+                    tracing::error!(pod = %name, "cannot enroll the pod; trying again in {POLL_INTERVAL:?}: {err}");
+                }
+            }
+        }
+        // Destinations are judged by the new index only once the pods joining here
+        // listen on 15008.
+        self.ctx
+            .workloads
+            .replace(WorkloadIndex::new(local.workloads.iter().cloned()));
+        complete
+    }
+
+    async fn enroll(&mut self, workload: &Arc<Workload>) -> Result<(), AgentError> {
+        let prepared = prepare(workload, &self.trust_domain, &self.secrets).await?;
+        self.redirection.capture(&prepared)?;
+        self.serve(prepared);
+        Ok(())
+    }
+
+    /// Redirection first, so no new connection meets a closed listener; then the
+    /// listeners. Open connections keep running.
+    fn release(&mut self, name: &str) {
+        let Some(served) = self.served.remove(name) else {
+            return;
+        };
+        match self.redirection.release(&served.pod) {
+            Ok(()) => {
+                tracing::info!(pod = %name, "pod left the mesh: redirection removed, listeners closed; its open connections run to their end")
+            }
+            Err(err) => {
+                tracing::error!(pod = %name, "pod left the mesh, but its redirection could not be removed (its new connections will be reset until it is; `warren uninstall` removes it): {err}")
+            }
+        }
+        drop(served);
+        self.ctx.metrics.set_enrolled_pods(self.served.len());
+    }
+}
+
+/// Re-read the `--config` file when it changes from `loaded` (what the agent started
+/// with) and reconcile; retry pods that could not be enrolled. Runs forever; owns the
+/// enrollment.
+pub async fn watch_config(path: PathBuf, loaded: Vec<u8>, mut enrollment: Enrollment) {
+    let mut seen = Some(loaded);
+    let mut complete = true;
+    let mut interval = tokio::time::interval(POLL_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        interval.tick().await;
+        let now = std::fs::read(&path).ok();
+        if now == seen && complete {
+            continue;
+        }
+        let changed = now != seen;
+        seen = now;
+        match LocalConfig::load(&path) {
+            Ok(local) => {
+                if changed {
+                    tracing::info!(path = %path.display(), "config reloaded");
+                }
+                complete = enrollment.reconcile(&local).await;
+            }
+            Err(err) if changed => {
+                tracing::error!("config not reloaded, the pods in the mesh stay as they are: {err}")
+            }
+            Err(_) => {}
+        }
+    }
+}

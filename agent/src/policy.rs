@@ -378,4 +378,6 @@ impl PolicySet {
 }
 
 #[cfg(test)]
+pub(crate) mod testing;
+#[cfg(test)]
 mod tests;

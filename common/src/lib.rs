@@ -34,6 +34,9 @@ pub mod maps {
     pub const INBOUND_POD_IPS: &str = "INBOUND_POD_IPS";
     /// [`super::IpKey`] → socket: the agent's inbound-plaintext listener of that pod.
     pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
+    /// [`super::OwnIpKey`] → u32 (unused): an enrolled pod's own addresses, so that a
+    /// pod connecting to itself is not captured (it never leaves the pod).
+    pub const POD_OWN_IPS: &str = "POD_OWN_IPS";
 }
 
 /// Program names (the functions' names in `warren-ebpf`).
@@ -121,6 +124,14 @@ pub struct ClientKey {
     pub _pad: u32,
 }
 
+/// Key of `POD_OWN_IPS`: one address of the pod whose netns has this cookie.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Default)]
+pub struct OwnIpKey {
+    pub netns_cookie: u64,
+    pub ip: IpKey,
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all of these are #[repr(C)], Copy, made only of integers, with explicit padding.
@@ -129,6 +140,7 @@ mod user {
     unsafe impl aya::Pod for super::EnrolledNetns {}
     unsafe impl aya::Pod for super::PendingOriginalDst {}
     unsafe impl aya::Pod for super::ClientKey {}
+    unsafe impl aya::Pod for super::OwnIpKey {}
 }
 
 #[cfg(feature = "user")]
@@ -229,5 +241,6 @@ mod tests {
         assert_eq!(core::mem::size_of::<SockAddr>(), 20);
         assert_eq!(core::mem::size_of::<PendingOriginalDst>(), 32);
         assert_eq!(core::mem::size_of::<ClientKey>(), 32);
+        assert_eq!(core::mem::size_of::<OwnIpKey>(), 24);
     }
 }

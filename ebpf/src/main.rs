@@ -3,9 +3,9 @@
 //! (verifier trouble grows with program size: Kmesh's issue tracker is the warning).
 //!
 //! - `connect4`/`connect6` (cgroup sock_addr, attached once at the cgroup v2 root): a TCP
-//!   `connect()` from an enrolled pod's netns to a non-loopback address is rewritten to the
-//!   agent's outbound listener on loopback; the original destination is recorded by
-//!   socket cookie.
+//!   `connect()` from an enrolled pod's netns to an address that is neither loopback nor
+//!   the pod's own is rewritten to the agent's outbound listener on loopback; the original
+//!   destination is recorded by socket cookie.
 //! - `sock_ops` (same cgroup): when that redirected connection is established, re-key the
 //!   original destination by (netns cookie, client address) — what the agent sees on
 //!   `accept()`.
@@ -24,7 +24,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use warren_common::{
-    ClientKey, EnrolledNetns, IpKey, PendingOriginalDst, SockAddr, AF_INET, AF_INET6,
+    ClientKey, EnrolledNetns, IpKey, OwnIpKey, PendingOriginalDst, SockAddr, AF_INET, AF_INET6,
     AGENT_SOCKET_MARK, INBOUND_TUNNEL_PORT, IPPROTO_TCP, OUTBOUND_PORT,
 };
 
@@ -49,6 +49,9 @@ static INBOUND_POD_IPS: HashMap<IpKey, u32> = HashMap::pinned(16384, 0);
 
 #[map]
 static INBOUND_LISTENERS: SockHash<IpKey> = SockHash::pinned(16384, 0);
+
+#[map]
+static POD_OWN_IPS: HashMap<OwnIpKey, u32> = HashMap::pinned(16384, 0);
 
 #[cgroup_sock_addr(connect4)]
 pub fn warren_connect4(ctx: SockAddrContext) -> i32 {
@@ -106,7 +109,8 @@ pub fn warren_connect6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
-/// A TCP connect from an enrolled pod, not by the agent, not to loopback.
+/// A TCP connect from an enrolled pod, not by the agent, not to loopback, not to one of
+/// the pod's own addresses (that never leaves the pod; iptables mode skips it on `lo`).
 ///
 /// # Safety
 /// `sa` must be the context's `bpf_sock_addr`.
@@ -118,6 +122,13 @@ unsafe fn should_redirect(ctx: &SockAddrContext, sa: *mut bpf_sock_addr, dst: &S
         }
         let netns_cookie = bpf_get_netns_cookie(ctx.sock_addr.cast());
         if ENROLLED_NETNS.get(&netns_cookie).is_none() {
+            return false;
+        }
+        let own = OwnIpKey {
+            netns_cookie,
+            ip: dst.ip,
+        };
+        if POD_OWN_IPS.get(&own).is_some() {
             return false;
         }
         let sk = (*sa).__bindgen_anon_1.sk;

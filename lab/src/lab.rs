@@ -168,7 +168,7 @@ impl Lab {
             state.cert_lifetime = cert_lifetime;
             dir.write_state(lock, &state)?;
             let lab = Lab::from_state(dir.clone(), state);
-            if let LabMode::Agents(_) = mode {
+            if let LabMode::Agents(redirect) = mode {
                 if let Some(binary) = &lab.state_or_cached().agent_binary {
                     agent::init_ca(&binary.path, &dir.ca())?;
                 }
@@ -178,7 +178,7 @@ impl Lab {
                     eprintln!("lab: mounted bpffs at {}", mounts::BPFFS);
                 }
                 for node in &topology.nodes {
-                    lab.start_agent_locked(lock, &node.name)?;
+                    lab.start_agent_locked(lock, &node.name, redirect)?;
                 }
             }
             Ok(lab)
@@ -233,7 +233,7 @@ impl Lab {
             }
         }
         let lab = Lab::from_state(dir, state.clone());
-        if let LabMode::Agents(_) = mode {
+        if let LabMode::Agents(redirect) = mode {
             mounts::ensure_bpffs()?;
             let binary = build_agent()?;
             let rebuilt = state.agent_binary.as_ref() != Some(&binary);
@@ -253,7 +253,7 @@ impl Lab {
                             Pid::from_raw(pid as i32),
                             Signal::SIGTERM,
                         )?;
-                        lab.start_agent_locked(lock, &node.name)?;
+                        lab.start_agent_locked(lock, &node.name, redirect)?;
                     }
                     Some(_) => {}
                     None => {
@@ -261,7 +261,7 @@ impl Lab {
                             "lab: the agent of {} is not running; starting it",
                             node.name
                         );
-                        lab.start_agent_locked(lock, &node.name)?;
+                        lab.start_agent_locked(lock, &node.name, redirect)?;
                     }
                 }
             }
@@ -632,17 +632,31 @@ impl Lab {
     /// Start `node`'s agent (after [`Self::kill_agent`]) and wait until it is ready;
     /// returns its pid.
     pub fn start_agent(&self, node: &str) -> Result<u32> {
+        let LabMode::Agents(redirect) = self.mode else {
+            bail!("the lab is up without agents (mode no-agents); bring it up with agents to start one");
+        };
+        self.start_agent_with_redirect(node, redirect)
+    }
+
+    /// Start the agent of `node` with `redirect` instead of the lab's own mode (to switch
+    /// a node between modes); [`Self::start_agent`] goes back to the lab's mode.
+    pub fn start_agent_with_redirect(&self, node: &str, redirect: RedirectMode) -> Result<u32> {
         let lock = self.dir.lock()?;
         if let Some(pid) = self.agent_pid(node) {
             bail!("the agent of {node} is already running (pid {pid}); kill it first");
         }
-        self.start_agent_locked(&lock, node)
+        self.start_agent_locked(&lock, node, redirect)
     }
 
-    fn start_agent_locked(&self, lock: &LabLock, node_name: &str) -> Result<u32> {
-        let LabMode::Agents(redirect) = self.mode else {
+    fn start_agent_locked(
+        &self,
+        lock: &LabLock,
+        node_name: &str,
+        redirect: RedirectMode,
+    ) -> Result<u32> {
+        if !matches!(self.mode, LabMode::Agents(_)) {
             bail!("the lab is up without agents (mode no-agents); bring it up with agents to start one");
-        };
+        }
         let node = self
             .topology
             .node(node_name)

@@ -1,15 +1,22 @@
-//! `warren uninstall`: with the agent stopped, it removes everything warren added to
-//! the node — whichever mode added it — and pod traffic flows directly again; a second
-//! run is a no-op.
+//! Removing warren from a node. `warren uninstall`: with the agent stopped, it removes
+//! everything warren added to the node — whichever mode added it — and pod traffic flows
+//! directly again; a second run is a no-op. A node switched to the other redirect mode
+//! keeps nothing of the old one.
 use anyhow::{ensure, Context as _, Result};
-use warren_lab::{AppMode, Family, Lab, Signal};
+use warren_lab::{AppMode, Family, Lab, RedirectMode, Signal};
 
 use crate::support::{access_record, ensure_ok, field, RedirectState};
 
-pub const SCENARIOS: &[(&str, crate::Scenario)] = &[(
-    "uninstall::removes_everything_and_traffic_flows_directly",
-    removes_everything,
-)];
+pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
+    (
+        "uninstall::removes_everything_and_traffic_flows_directly",
+        removes_everything,
+    ),
+    (
+        "uninstall::switching_modes_leaves_nothing_of_the_old_one",
+        switching_modes,
+    ),
+];
 
 fn removes_everything(lab: &Lab) -> Result<()> {
     let installed = RedirectState::of(lab, "n1")?;
@@ -81,6 +88,70 @@ fn removes_everything(lab: &Lab) -> Result<()> {
         back.pins == installed.pins && back.rules == installed.rules,
         "the restarted agent should put the same redirection back: {}",
         installed.diff(&back)
+    );
+    Ok(())
+}
+
+/// Restart n1's agent in the other redirect mode: only the new mode's state is there,
+/// traffic flows both ways through it; back in the lab's mode, the state is what it was.
+fn switching_modes(lab: &Lab) -> Result<()> {
+    let (own, other) = match lab.redirect() {
+        Some(RedirectMode::Iptables) => (RedirectMode::Iptables, RedirectMode::Ebpf),
+        _ => (RedirectMode::Ebpf, RedirectMode::Iptables),
+    };
+    let before = RedirectState::of(lab, "n1")?;
+    let server = lab.serve("demo/server", 0, AppMode::Echo)?;
+    let peer = lab.serve("demo/peer", 0, AppMode::Echo)?;
+    let to_server = lab.pod("demo/server").addr(Family::V4, server.port());
+    let to_peer = lab.pod("demo/peer").addr(Family::V4, peer.port());
+
+    lab.kill_agent("n1", Signal::SIGTERM)?;
+    let switched = (|| -> Result<()> {
+        lab.start_agent_with_redirect("n1", other)?;
+        let now = RedirectState::of(lab, "n1")?;
+        let (ebpf_left, iptables_left) = (!now.pins.is_empty(), !now.rules.is_empty());
+        match other {
+            RedirectMode::Iptables => ensure!(
+                iptables_left && !ebpf_left,
+                "after switching n1 from {own} to {other}, only iptables rules should be there: {}",
+                before.diff(&now)
+            ),
+            _ => ensure!(
+                ebpf_left && !iptables_left,
+                "after switching n1 from {own} to {other}, only eBPF pins should be there: {}",
+                before.diff(&now)
+            ),
+        }
+        for (from, dst) in [("demo/client", to_server), ("demo/server", to_peer)] {
+            let n1 = lab.agent_log_len("n1");
+            ensure_ok(
+                &lab.connect(from, dst, AppMode::Echo, 4096)?,
+                &format!("{from} → {dst} with n1 in {other} mode"),
+            )?;
+            let direction = if from == "demo/client" {
+                "outbound"
+            } else {
+                "inbound"
+            };
+            let record = access_record(lab, "n1", n1, direction, dst)?;
+            ensure!(
+                field(&record, "security") == "mutual_tls",
+                "n1 in {other} mode should tunnel {from} → {dst}: {record}"
+            );
+        }
+        lab.kill_agent("n1", Signal::SIGTERM)
+    })();
+    if lab.agent_pid("n1").is_some() {
+        lab.kill_agent("n1", Signal::SIGTERM)?;
+    }
+    lab.start_agent("n1")
+        .context("restarting n1's agent in the lab's mode")?;
+    switched?;
+    let back = RedirectState::of(lab, "n1")?;
+    ensure!(
+        back.pins == before.pins && back.rules == before.rules,
+        "back in {own} mode, n1 should hold what it held before: {}",
+        before.diff(&back)
     );
     Ok(())
 }

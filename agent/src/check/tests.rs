@@ -3,7 +3,10 @@
 use std::path::Path;
 
 use super::*;
-use crate::policy::decode_str;
+use crate::policy::{
+    decode_str,
+    testing::{authz, peer_auth},
+};
 
 const CONFIG: &str = r#"
 meshNamespaces: [demo]
@@ -21,20 +24,6 @@ fn mesh_only() -> String {
         .filter(|l| !l.contains("legacy"))
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-fn doc(kind: &str, namespace: &str, name: &str, spec: &str) -> String {
-    format!(
-        "---\napiVersion: security.istio.io/v1\nkind: {kind}\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n{spec}\n"
-    )
-}
-
-fn peer_auth(namespace: &str, name: &str, spec: &str) -> String {
-    doc("PeerAuthentication", namespace, name, spec)
-}
-
-fn authz(namespace: &str, name: &str, spec: &str) -> String {
-    doc("AuthorizationPolicy", namespace, name, spec)
 }
 
 fn strict(namespace: &str) -> String {

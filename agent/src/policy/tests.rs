@@ -4,6 +4,7 @@
 use std::{collections::BTreeMap, net::IpAddr, path::Path, sync::Arc};
 
 use super::*;
+use crate::policy::testing::{authz, peer_auth};
 
 fn policies(yaml: &str) -> PolicySet {
     policies_with_root(yaml, DEFAULT_ROOT_NAMESPACE)
@@ -80,20 +81,6 @@ fn connection(peer: Caller, port: u16) -> ConnectionInfo {
 /// `demo/server` (app=server, version=v1), the destination unless a case says otherwise.
 fn server() -> Workload {
     workload("demo/server", &[("app", "server"), ("version", "v1")])
-}
-
-fn doc(kind: &str, namespace: &str, name: &str, spec: &str) -> String {
-    format!(
-        "---\napiVersion: security.istio.io/v1\nkind: {kind}\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n{spec}\n"
-    )
-}
-
-fn authz(namespace: &str, name: &str, spec: &str) -> String {
-    doc("AuthorizationPolicy", namespace, name, spec)
-}
-
-fn peer_auth(namespace: &str, name: &str, spec: &str) -> String {
-    doc("PeerAuthentication", namespace, name, spec)
 }
 
 /// `None`: allowed; `Some("ns/name")`: denied, naming that policy.

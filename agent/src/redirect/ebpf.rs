@@ -26,7 +26,7 @@ use aya::{
     },
     Ebpf, EbpfError as AyaLoadError, EbpfLoader,
 };
-use warren_common::{maps, programs, ClientKey, EnrolledNetns, IpKey, SockAddr};
+use warren_common::{maps, programs, ClientKey, EnrolledNetns, IpKey, OwnIpKey, SockAddr};
 
 /// The kernel programs, built by build.rs from the `warren-ebpf` crate.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/warren-ebpf"));
@@ -83,6 +83,7 @@ pub struct EbpfRedirect {
     enrolled: HashMap<MapData, u64, EnrolledNetns>,
     pod_ips: HashMap<MapData, IpKey, u32>,
     listeners: SockHash<MapData, IpKey>,
+    own_ips: HashMap<MapData, OwnIpKey, u32>,
 }
 
 /// The original-destination table, read by the outbound proxy on every accepted connection.
@@ -195,6 +196,7 @@ impl EbpfRedirect {
             enrolled: take_map(&mut ebpf, maps::ENROLLED_NETNS)?,
             pod_ips: take_map(&mut ebpf, maps::INBOUND_POD_IPS)?,
             listeners: take_map(&mut ebpf, maps::INBOUND_LISTENERS)?,
+            own_ips: take_map(&mut ebpf, maps::POD_OWN_IPS)?,
             ebpf,
         };
         Ok((redirect, original_dst))
@@ -224,6 +226,18 @@ impl EbpfRedirect {
                     source,
                 })?;
         }
+        for ip in pod.ips {
+            let key = OwnIpKey {
+                netns_cookie: pod.netns_cookie,
+                ip: IpKey::from(*ip),
+            };
+            self.own_ips
+                .insert(key, 0, 0)
+                .map_err(|source| EbpfError::Map {
+                    name: maps::POD_OWN_IPS,
+                    source,
+                })?;
+        }
         let name = programs::SK_LOOKUP;
         let program: &mut SkLookup = program_mut(&mut self.ebpf, name)?;
         let id = program
@@ -245,6 +259,15 @@ impl EbpfRedirect {
     /// Release a pod: outbound first, then inbound. Missing entries are not an error.
     pub fn unenroll(&mut self, netns_cookie: u64, ips: &[IpKey]) -> Result<(), EbpfError> {
         ignore_missing(self.enrolled.remove(&netns_cookie), maps::ENROLLED_NETNS)?;
+        let own: Vec<OwnIpKey> = self
+            .own_ips
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| key.netns_cookie == netns_cookie)
+            .collect();
+        for key in &own {
+            ignore_missing(self.own_ips.remove(key), maps::POD_OWN_IPS)?;
+        }
         let link = self.sk_lookup_link_path(netns_cookie);
         if link.exists() {
             std::fs::remove_file(&link).map_err(|err| EbpfError::Pin {
@@ -268,6 +291,12 @@ impl EbpfRedirect {
             .collect();
 
         let mut stale_cookies: HashSet<u64> = self.enrolled.keys().filter_map(Result::ok).collect();
+        stale_cookies.extend(
+            self.own_ips
+                .keys()
+                .filter_map(Result::ok)
+                .map(|key| key.netns_cookie),
+        );
         for entry in std::fs::read_dir(&self.pin_dir)
             .into_iter()
             .flatten()

@@ -15,6 +15,7 @@ use std::{
 use tokio::io::unix::AsyncFd;
 
 use crate::{
+    admin::{self, AdminError, AdminState, LogControl, Readiness},
     config::Config,
     control::local::{LocalConfig, LocalConfigError},
     enrollment::{self, prepare, Enrollment, PreparedPod, Redirection},
@@ -63,6 +64,8 @@ pub enum AgentError {
     #[error(transparent)]
     Metrics(#[from] metrics::MetricsError),
     #[error(transparent)]
+    Admin(#[from] AdminError),
+    #[error(transparent)]
     Policy(#[from] PolicyError),
     #[error("workload {workload} has no valid identity: {source}")]
     Identity {
@@ -83,12 +86,14 @@ pub enum AgentError {
     Home(NetnsError),
 }
 
-/// Run the agent until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> Result<(), AgentError> {
+/// Run the agent until SIGTERM or SIGINT. `logs` lets the admin endpoint change the log
+/// filter.
+pub async fn run(config: Config, logs: Option<LogControl>) -> Result<(), AgentError> {
     if !nix::unistd::geteuid().is_root() {
         return Err(AgentError::NotRoot);
     }
     Netns::init_home().map_err(AgentError::Home)?;
+    raise_open_file_limit();
     // The text read here is what the config watch compares against, so a change made
     // while the agent starts is not missed.
     let config_text =
@@ -109,6 +114,13 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     policy.log_warnings();
     let policy = SharedPolicy::new(policy);
     let metrics_listener = metrics::bind(config.metrics_addr).await?;
+    let admin_listener = admin::bind_admin(config.admin_addr).await?;
+    // Readiness answers from now on: 503 until every pod is captured.
+    let readiness = Readiness::new();
+    tokio::spawn(admin::serve_readiness(
+        admin::bind_readiness(config.readiness_addr).await?,
+        readiness.clone(),
+    ));
 
     // Identity: the CA must be usable and every local identity gets its certificate
     // before any pod is captured (a captured pod without one could not talk).
@@ -167,6 +179,8 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
 
     let pool = hbone::Pool::new(hbone::PoolConfig::default());
     let metrics = Arc::new(Metrics::new(pool.clone())?);
+    metrics.set_redirect_mode(mechanism.as_str());
+    metrics.watch_certificates(secrets.clone());
     tokio::spawn(metrics::serve(metrics_listener, metrics.clone()));
     if let Some(path) = &config.policy {
         tokio::spawn(policy::watch::watch(
@@ -184,18 +198,31 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         policy,
         node_ips: node_addresses(),
         metrics,
+        refusals: Default::default(),
     });
+    tokio::spawn(admin::serve_admin(
+        admin_listener,
+        Arc::new(AdminState {
+            node: config.node.clone(),
+            redirect_mode: mechanism.to_string(),
+            ctx: ctx.clone(),
+            readiness: readiness.clone(),
+            logs,
+        }),
+    ));
     let mut enrollment = Enrollment::new(
         config.node.clone(),
         config.trust_domain.clone(),
         secrets,
         redirection,
         ctx,
+        readiness.clone(),
     );
     for pod in prepared {
         enrollment.serve(pod);
     }
     let names = enrollment.names();
+    readiness.started();
     // From here on, pods join and leave the mesh as the config file says.
     tokio::spawn(enrollment::watch_config(
         config.config_file.clone(),
@@ -347,5 +374,22 @@ async fn wait_for_shutdown() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+/// Every proxied connection holds two descriptors on one agent or the other, and a node
+/// carries thousands: raise the soft limit on open files to the hard limit, as ztunnel
+/// does. A failure is logged, not fatal: the agent works, with fewer connections.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open-file limit"),
+            Err(err) => {
+                tracing::warn!(soft, hard, error = %err, "cannot raise the open-file limit; connections beyond it will fail")
+            }
+        },
+        Ok(_) => {}
+        Err(err) => tracing::warn!(error = %err, "cannot read the open-file limit"),
     }
 }

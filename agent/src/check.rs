@@ -34,10 +34,12 @@ use crate::{
 
 /// Exit status: nothing was flagged.
 pub const EXIT_CLEAN: u8 = 0;
-/// Exit status: the inputs could not be read (nothing was checked).
-pub const EXIT_INPUT_ERROR: u8 = 1;
-/// Exit status: the report was printed and flags problems.
-pub const EXIT_PROBLEMS: u8 = 2;
+/// Exit status: the report was printed and flags problems (as `warren verify` exits 1
+/// when it flags clear text).
+pub const EXIT_PROBLEMS: u8 = 1;
+/// Exit status: the inputs could not be read, or the command line is wrong (clap's own
+/// usage status); nothing was checked.
+pub const EXIT_INPUT_ERROR: u8 = 2;
 
 /// `warren check` flags: the agent's inputs, read the same way.
 #[derive(Debug, Clone, clap::Args)]

@@ -9,6 +9,8 @@ pub const DEFAULT_BPF_ROOT: &str = "/sys/fs/bpf/warren";
 
 /// Istio's default trust domain.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+/// Where the admin endpoints listen unless told otherwise (Envoy's and ztunnel's port).
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
 
 /// The variables behind the flags `warren agent` and `warren check` share.
 pub const ENV_CONFIG: &str = "WARREN_CONFIG";
@@ -82,6 +84,26 @@ pub struct AgentArgs {
     )]
     pub metrics_addr: std::net::SocketAddr,
 
+    /// Where to serve the admin endpoints (`/config_dump`, `/logging`), in the agent's own
+    /// netns. Loopback by default: they show the node's workloads and change logging.
+    #[arg(
+        long,
+        env = "WARREN_ADMIN_ADDR",
+        value_name = "ADDR",
+        default_value = DEFAULT_ADMIN_ADDR
+    )]
+    pub admin_addr: std::net::SocketAddr,
+
+    /// Where to serve `/healthz/ready` for the kubelet's readiness probe, in the agent's
+    /// own netns.
+    #[arg(
+        long,
+        env = "WARREN_READINESS_ADDR",
+        value_name = "ADDR",
+        default_value = "[::]:15021"
+    )]
+    pub readiness_addr: std::net::SocketAddr,
+
     /// Diagnostic switch: report these kernel features as missing, to exercise fallbacks.
     #[arg(long, value_enum, value_delimiter = ',', hide = true)]
     pub probe_pretend_missing: Vec<KernelFeature>,
@@ -103,6 +125,8 @@ pub struct Config {
     pub ca_dir: PathBuf,
     pub cert_lifetime: Duration,
     pub metrics_addr: std::net::SocketAddr,
+    pub admin_addr: std::net::SocketAddr,
+    pub readiness_addr: std::net::SocketAddr,
     pub policy: Option<PathBuf>,
     pub root_namespace: String,
     pub probe_pretend_missing: Vec<KernelFeature>,
@@ -122,6 +146,8 @@ impl From<AgentArgs> for Config {
             ca_dir: args.ca_dir,
             cert_lifetime: args.cert_lifetime,
             metrics_addr: args.metrics_addr,
+            admin_addr: args.admin_addr,
+            readiness_addr: args.readiness_addr,
             policy: args.policy,
             root_namespace: args.root_namespace,
             probe_pretend_missing: args.probe_pretend_missing,

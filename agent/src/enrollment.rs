@@ -16,6 +16,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use warren_common::{INBOUND_PLAINTEXT_PORT, INBOUND_TUNNEL_PORT, OUTBOUND_PORT};
 
 use crate::{
+    admin::Readiness,
     agent::AgentError,
     control::local::LocalConfig,
     identity::SecretManager,
@@ -97,13 +98,7 @@ pub async fn prepare(
         }
     })?;
     Ok(PreparedPod {
-        pod: Pod {
-            workload: workload.clone(),
-            identity,
-            netns,
-            netns_cookie,
-            tls_server,
-        },
+        pod: Pod::new(workload.clone(), identity, netns, netns_cookie, tls_server),
         outbound,
         inbound_plaintext,
         tunnel,
@@ -156,6 +151,17 @@ struct ServedPod {
     accept_loops: Vec<JoinHandle<()>>,
 }
 
+impl ServedPod {
+    /// Stop accepting and wait until the listeners are closed, so the pod's ports are
+    /// free again (a pod that changed is enrolled anew right after).
+    async fn stop(mut self) {
+        for task in std::mem::take(&mut self.accept_loops) {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
 impl Drop for ServedPod {
     fn drop(&mut self) {
         for task in &self.accept_loops {
@@ -173,6 +179,8 @@ pub struct Enrollment {
     ctx: Arc<ProxyContext>,
     /// By `namespace/name`.
     served: BTreeMap<String, ServedPod>,
+    /// Told which pods are served and which could not be enrolled yet.
+    readiness: Arc<Readiness>,
 }
 
 impl Enrollment {
@@ -182,6 +190,7 @@ impl Enrollment {
         secrets: Arc<SecretManager>,
         redirection: Redirection,
         ctx: Arc<ProxyContext>,
+        readiness: Arc<Readiness>,
     ) -> Self {
         Self {
             node,
@@ -190,6 +199,7 @@ impl Enrollment {
             redirection,
             ctx,
             served: BTreeMap::new(),
+            readiness,
         }
     }
 
@@ -237,6 +247,7 @@ impl Enrollment {
             },
         );
         self.ctx.metrics.set_enrolled_pods(self.served.len());
+        self.readiness.set_pods(self.names(), Vec::new());
     }
 
     /// Bring the served pods in line with `local`: release the pods that left the mesh
@@ -259,10 +270,10 @@ impl Enrollment {
             .map(|(name, _)| name.clone())
             .collect();
         for name in leaving {
-            self.release(&name);
+            self.release(&name).await;
         }
 
-        let mut complete = true;
+        let mut pending = Vec::new();
         for (name, workload) in wanted {
             if self.served.contains_key(&name) {
                 continue;
@@ -270,11 +281,13 @@ impl Enrollment {
             match self.enroll(&workload).await {
                 Ok(()) => tracing::info!(pod = %name, "pod joined the mesh: captured and served"),
                 Err(err) => {
-                    complete = false;
                     tracing::error!(pod = %name, "cannot enroll the pod; trying again in {POLL_INTERVAL:?}: {err}");
+                    pending.push(name);
                 }
             }
         }
+        let complete = pending.is_empty();
+        self.readiness.set_pods(self.names(), pending);
         // Destinations are judged by the new index only once the pods joining here
         // listen on 15008.
         self.ctx
@@ -292,7 +305,7 @@ impl Enrollment {
 
     /// Redirection first, so no new connection meets a closed listener; then the
     /// listeners. Open connections keep running.
-    fn release(&mut self, name: &str) {
+    async fn release(&mut self, name: &str) {
         let Some(served) = self.served.remove(name) else {
             return;
         };
@@ -304,8 +317,15 @@ impl Enrollment {
                 tracing::error!(pod = %name, "pod left the mesh, but its redirection could not be removed (its new connections will be reset until it is; `warren uninstall` removes it): {err}")
             }
         }
-        drop(served);
+        // No pod left here runs as this identity: stop renewing its certificate.
+        let identity = served.pod.identity.clone();
+        served.pod.leave();
+        served.stop().await;
+        if !self.served.values().any(|s| s.pod.identity == identity) {
+            self.secrets.forget(&identity);
+        }
         self.ctx.metrics.set_enrolled_pods(self.served.len());
+        self.readiness.set_pods(self.names(), Vec::new());
     }
 }
 

@@ -3,6 +3,7 @@
 //! carries it through userspace proxies that live inside each pod's network namespace.
 #![deny(rust_2018_idioms)]
 
+pub mod admin;
 pub mod agent;
 pub mod check;
 pub mod config;
@@ -15,6 +16,8 @@ pub mod policy;
 pub mod proxy;
 pub mod redirect;
 pub mod socket;
+pub mod status;
 pub mod tls;
 pub mod uninstall;
+pub mod verify;
 pub mod workload;

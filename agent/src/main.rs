@@ -9,21 +9,53 @@ use tracing_subscriber::EnvFilter;
 /// mentions aya.
 const QUIET_AYA: &str = "aya::bpf=error";
 
-fn log_filter() -> EnvFilter {
+/// The log filter from RUST_LOG (default `info`), with aya's noise kept quiet, and its
+/// directives as text.
+fn log_filter() -> (String, EnvFilter) {
     let requested = std::env::var("RUST_LOG").unwrap_or_default();
     let base = if requested.trim().is_empty() {
         "info".to_owned()
     } else {
         requested
     };
-    let directives = if base.contains("aya") {
-        base
+    let directives = quiet_aya(&base);
+    match EnvFilter::try_new(&directives) {
+        Ok(filter) => (directives, filter),
+        Err(err) => {
+            eprintln!(
+                "warning: RUST_LOG={directives:?} is not a valid log filter ({err}); using info"
+            );
+            let fallback = quiet_aya("info");
+            let filter = EnvFilter::new(&fallback);
+            (fallback, filter)
+        }
+    }
+}
+
+fn quiet_aya(directives: &str) -> String {
+    if directives.contains("aya") {
+        directives.to_owned()
     } else {
-        format!("{base},{QUIET_AYA}")
-    };
-    EnvFilter::try_new(&directives).unwrap_or_else(|err| {
-        eprintln!("warning: RUST_LOG={directives:?} is not a valid log filter ({err}); using info");
-        EnvFilter::new(format!("info,{QUIET_AYA}"))
+        format!("{directives},{QUIET_AYA}")
+    }
+}
+
+/// Log to stderr through a filter that the admin endpoint can change at run time.
+fn init_logging() -> warren::admin::LogControl {
+    use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _};
+    let (directives, filter) = log_filter();
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .init();
+    warren::admin::LogControl::new(directives, move |requested| {
+        let filter = EnvFilter::try_new(quiet_aya(requested)).map_err(|err| err.to_string())?;
+        handle.reload(filter).map_err(|err| err.to_string())
     })
 }
 
@@ -44,12 +76,23 @@ enum Command {
     Ca(CaCommand),
     /// Explain what the agents will enforce for a config and policy, workload by
     /// workload, and flag what will fail or surprise. Exit status: 0 nothing flagged,
-    /// 2 problems flagged, 1 the inputs cannot be read.
+    /// 1 problems flagged, 2 the inputs cannot be read.
     Check(warren::check::CheckArgs),
     /// Remove everything warren added to a node (eBPF pins, iptables rules in its pods),
     /// so pod traffic flows directly again. Run it once the agent has stopped; a second
     /// run finds nothing to do.
     Uninstall(warren::uninstall::UninstallArgs),
+    /// Prove that traffic between enrolled workloads is encrypted: capture TCP on an
+    /// interface for a while (tcpdump, as root) or read a pcap file, and report, per pair
+    /// of addresses, whether the payload was TLS or clear text. Exit status: 0 all
+    /// encrypted, 1 clear text flagged (or no traffic seen: nothing proved), 2 nothing
+    /// could be captured or read.
+    Verify(warren::verify::VerifyArgs),
+    /// The node's view at a glance, from the running agent (its admin endpoint on the
+    /// node's loopback): redirect mode, readiness, enrolled pods, certificate health,
+    /// policies and the last refusals. Exit status: 0 healthy, 1 something needs
+    /// attention, 2 no agent answered.
+    Status(warren::status::StatusArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -66,26 +109,9 @@ enum CaCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(err) => {
-            let _ = err.print();
-            // clap exits 2 on a usage error, which `warren check` uses for "problems
-            // found"; for check, a usage error is an input that cannot be read.
-            let check = std::env::args_os().nth(1).is_some_and(|arg| arg == "check");
-            let code = match err.exit_code() {
-                0 => 0,
-                _ if check => warren::check::EXIT_INPUT_ERROR,
-                _ => 2,
-            };
-            return ExitCode::from(code);
-        }
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(log_filter())
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // A usage error exits 2, which `check` and `verify` also use for "could not check".
+    let cli = Cli::parse();
+    let logs = init_logging();
     match cli.command {
         Command::Check(args) => {
             let outcome = warren::check::run(&args);
@@ -95,6 +121,15 @@ fn main() -> ExitCode {
             }
             ExitCode::from(warren::check::exit_code(&outcome))
         }
+        Command::Verify(args) => {
+            let outcome = warren::verify::run(&args, |progress| eprintln!("{progress}"));
+            match &outcome {
+                Ok(report) => print!("{report}"),
+                Err(err) => eprintln!("error: {err}"),
+            }
+            ExitCode::from(warren::verify::exit_code(&outcome))
+        }
+        Command::Status(args) => status(&args),
         Command::Uninstall(args) => {
             if !nix::unistd::geteuid().is_root() {
                 eprintln!("error: warren uninstall must run as root: it enters pods' network namespaces and removes pinned eBPF objects");
@@ -140,7 +175,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(warren::agent::run((*args).into())) {
+            match runtime.block_on(warren::agent::run((*args).into(), Some(logs))) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     tracing::error!("{err}");
@@ -148,6 +183,44 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// `warren status`: fetch the agent's view and print it.
+fn status(args: &warren::status::StatusArgs) -> ExitCode {
+    use warren::status::{self, Summary, EXIT_UNREACHABLE};
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::from(EXIT_UNREACHABLE);
+        }
+    };
+    let fetched = runtime.block_on(status::fetch(args.admin_addr));
+    let view = fetched.and_then(|json| {
+        if args.json {
+            print!("{json}");
+        }
+        status::parse(args.admin_addr, &json)
+    });
+    match view {
+        Ok(view) => {
+            let summary = Summary {
+                view: &view,
+                now: std::time::SystemTime::now(),
+            };
+            if !args.json {
+                print!("{summary}");
+            }
+            ExitCode::from(summary.exit_code())
+        }
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::from(EXIT_UNREACHABLE)
         }
     }
 }

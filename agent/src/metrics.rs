@@ -1,16 +1,181 @@
 //! Prometheus metrics on `:15020/metrics` (Istio's port), in the agent's own netns.
 //!
-//! A start: the gauges the data path already knows. Istio's `istio_tcp_*` families come
-//! with the observability work; they will register here too.
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+//! - Istio's TCP families, with Istio's names and labels, so dashboards and queries
+//!   written for Istio (sidecars or ztunnel) work unchanged: `istio_tcp_connections_opened_total`,
+//!   `istio_tcp_connections_closed_total`, `istio_tcp_sent_bytes_total`,
+//!   `istio_tcp_received_bytes_total`. Each connection is reported by the agent it
+//!   crosses: `reporter="source"` on the client's node, `"destination"` on the server's.
+//!   Labels come from workloads (bounded by the pods), never from addresses or ports.
+//! - warren's own: `warren_*` (enrolled pods, redirect mode, policy refusals, HBONE pool,
+//!   certificate expiry, TLS handshake errors by reason).
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, OnceLock},
+    time::UNIX_EPOCH,
+};
 
 use http_body_util::Full;
 use hyper::{body::Bytes, service::service_fn, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use prometheus::{Encoder as _, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{Encoder as _, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 use tokio::net::TcpListener;
 
-use crate::proxy::hbone;
+use crate::{
+    identity::SecretManager,
+    proxy::{
+        access_log::{ConnectionRecord, Direction, Security},
+        hbone,
+    },
+    workload::Workload,
+};
+
+/// Istio's standard TCP metric labels, in the order [`TrafficLabels::values`] gives them.
+pub const TRAFFIC_LABELS: [&str; 23] = [
+    "reporter",
+    "source_workload",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_cluster",
+    "destination_service",
+    "destination_service_namespace",
+    "destination_service_name",
+    "destination_workload",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_cluster",
+    "request_protocol",
+    "response_flags",
+    "connection_security_policy",
+];
+
+/// Istio's value for a label nothing is known about.
+const UNKNOWN: &str = "unknown";
+/// Istio's default cluster id (`global.multiCluster.clusterName`).
+const CLUSTER: &str = "Kubernetes";
+
+/// The label values of one connection, as Istio derives them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrafficLabels {
+    values: [String; TRAFFIC_LABELS.len()],
+}
+
+/// What the labels say about one end of a connection.
+struct End {
+    workload: String,
+    canonical_service: String,
+    canonical_revision: String,
+    namespace: String,
+    principal: String,
+    cluster: String,
+}
+
+impl End {
+    fn of(workload: Option<&Workload>, principal: Option<&str>) -> Self {
+        let principal = principal.unwrap_or(UNKNOWN).to_owned();
+        let Some(w) = workload else {
+            return End {
+                workload: UNKNOWN.into(),
+                canonical_service: UNKNOWN.into(),
+                canonical_revision: UNKNOWN.into(),
+                namespace: UNKNOWN.into(),
+                principal,
+                cluster: UNKNOWN.into(),
+            };
+        };
+        // Istio's canonical service and revision: its own labels first, then the
+        // Kubernetes recommended ones, then `app`/`version`.
+        let label = |keys: &[&str]| keys.iter().find_map(|k| w.labels.get(*k).cloned());
+        End {
+            // Local mode knows pods, not their owners: the pod is the workload.
+            workload: w.name.clone(),
+            canonical_service: label(&[
+                "service.istio.io/canonical-name",
+                "app.kubernetes.io/name",
+                "app",
+            ])
+            .unwrap_or_else(|| w.name.clone()),
+            canonical_revision: label(&[
+                "service.istio.io/canonical-revision",
+                "app.kubernetes.io/version",
+                "version",
+            ])
+            .unwrap_or_else(|| "latest".into()),
+            namespace: w.namespace.clone(),
+            principal,
+            cluster: CLUSTER.into(),
+        }
+    }
+}
+
+impl TrafficLabels {
+    /// The labels of `record` as it stands.
+    pub fn of(record: &ConnectionRecord) -> Self {
+        let source = End::of(
+            record.src_workload.as_deref(),
+            record.src_identity.as_deref(),
+        );
+        let destination = End::of(
+            record.dst_workload.as_deref(),
+            record.dst_identity.as_deref(),
+        );
+        let reporter = match record.direction {
+            Direction::Outbound => "source",
+            Direction::Inbound => "destination",
+        };
+        let security = match record.security {
+            Security::MutualTls => "mutual_tls",
+            Security::None => "none",
+        };
+        let values = [
+            reporter.to_owned(),
+            source.workload,
+            source.canonical_service.clone(),
+            source.canonical_revision.clone(),
+            source.namespace,
+            source.principal,
+            source.canonical_service,
+            source.canonical_revision,
+            source.cluster,
+            UNKNOWN.into(),
+            UNKNOWN.into(),
+            UNKNOWN.into(),
+            destination.workload,
+            destination.canonical_service.clone(),
+            destination.canonical_revision.clone(),
+            destination.namespace,
+            destination.principal,
+            destination.canonical_service,
+            destination.canonical_revision,
+            destination.cluster,
+            "tcp".into(),
+            record.response_flags.as_str().into(),
+            security.into(),
+        ];
+        Self { values }
+    }
+
+    /// The values in [`TRAFFIC_LABELS`] order.
+    pub fn values(&self) -> [&str; TRAFFIC_LABELS.len()] {
+        std::array::from_fn(|i| self.values[i].as_str())
+    }
+
+    /// The value of one label (for tests and logs).
+    pub fn get(&self, name: &str) -> Option<&str> {
+        TRAFFIC_LABELS
+            .iter()
+            .position(|n| *n == name)
+            .map(|i| self.values[i].as_str())
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -26,15 +191,53 @@ pub enum MetricsError {
 /// The agent's metrics. Gauges that mirror live state are refreshed at each scrape.
 pub struct Metrics {
     registry: Registry,
+    connections_opened: IntCounterVec,
+    connections_closed: IntCounterVec,
+    sent_bytes: IntCounterVec,
+    received_bytes: IntCounterVec,
+    redirect_mode: IntGaugeVec,
     enrolled_pods: IntGauge,
     pool_connections: IntGauge,
     policy_refusals: IntCounterVec,
+    handshake_errors: IntCounterVec,
+    certificate_expiry: IntGaugeVec,
     pool: hbone::Pool,
+    /// Where certificate expiries are read at each scrape (set once the agent has one).
+    secrets: OnceLock<Arc<SecretManager>>,
 }
 
 impl Metrics {
     pub fn new(pool: hbone::Pool) -> Result<Self, MetricsError> {
         let registry = Registry::new();
+        let traffic = |name: &str, help: &str| -> Result<IntCounterVec, MetricsError> {
+            let family = IntCounterVec::new(Opts::new(name, help), &TRAFFIC_LABELS)?;
+            registry.register(Box::new(family.clone()))?;
+            Ok(family)
+        };
+        let connections_opened = traffic(
+            "istio_tcp_connections_opened_total",
+            "The total number of TCP connections opened",
+        )?;
+        let connections_closed = traffic(
+            "istio_tcp_connections_closed_total",
+            "The total number of TCP connections closed",
+        )?;
+        let sent_bytes = traffic(
+            "istio_tcp_sent_bytes_total",
+            "The size of total bytes sent during response in case of a TCP connection",
+        )?;
+        let received_bytes = traffic(
+            "istio_tcp_received_bytes_total",
+            "The size of total bytes received during request in case of a TCP connection",
+        )?;
+        let redirect_mode = IntGaugeVec::new(
+            Opts::new(
+                "warren_redirect_mode",
+                "The redirect mode in use: 1 for the mode in use (ebpf or iptables).",
+            ),
+            &["mode"],
+        )?;
+        registry.register(Box::new(redirect_mode.clone()))?;
         let enrolled_pods = IntGauge::new(
             "warren_enrolled_pods",
             "Pods of this node whose traffic the agent captures.",
@@ -52,14 +255,40 @@ impl Metrics {
             &["kind", "policy"],
         )?;
         registry.register(Box::new(policy_refusals.clone()))?;
+        // Bounded: two directions times the handful of reasons of `TlsError::reason_label`.
+        let handshake_errors = IntCounterVec::new(
+            Opts::new(
+                "warren_tls_handshake_errors_total",
+                "Mesh TLS handshakes that failed, by direction (inbound: a peer dialled this node's 15008; outbound: this node dialled a peer) and reason.",
+            ),
+            &["direction", "reason"],
+        )?;
+        registry.register(Box::new(handshake_errors.clone()))?;
+        // Bounded by the identities of the node's pods.
+        let certificate_expiry = IntGaugeVec::new(
+            Opts::new(
+                "warren_certificate_expiration_timestamp_seconds",
+                "When the workload certificate of each identity served on this node expires (Unix time).",
+            ),
+            &["identity"],
+        )?;
+        registry.register(Box::new(certificate_expiry.clone()))?;
         registry.register(Box::new(enrolled_pods.clone()))?;
         registry.register(Box::new(pool_connections.clone()))?;
         Ok(Self {
             registry,
+            connections_opened,
+            connections_closed,
+            sent_bytes,
+            received_bytes,
+            redirect_mode,
             enrolled_pods,
             pool_connections,
             policy_refusals,
+            handshake_errors,
+            certificate_expiry,
             pool,
+            secrets: OnceLock::new(),
         })
     }
 
@@ -71,6 +300,52 @@ impl Metrics {
             .inc();
     }
 
+    /// Read certificate expiries from `secrets` at each scrape.
+    pub fn watch_certificates(&self, secrets: Arc<SecretManager>) {
+        let _ = self.secrets.set(secrets);
+    }
+
+    /// Count a failed mesh TLS handshake; `reason` from [`crate::tls::TlsError::reason_label`]
+    /// or `timeout`.
+    pub fn handshake_failed(&self, direction: Direction, reason: &str) {
+        let direction = match direction {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        };
+        self.handshake_errors
+            .with_label_values(&[direction, reason])
+            .inc();
+    }
+
+    /// A connection was opened (Istio counts it when its destination is decided).
+    pub fn connection_opened(&self, record: &ConnectionRecord) {
+        let labels = TrafficLabels::of(record);
+        self.connections_opened
+            .with_label_values(&labels.values())
+            .inc();
+    }
+
+    /// A connection ended: count it closed with its final labels (response flags) and
+    /// add its bytes. Istio's direction names: `received` is what the client sent,
+    /// `sent` what went back to it.
+    pub fn connection_closed(&self, record: &ConnectionRecord) {
+        let labels = TrafficLabels::of(record);
+        let values = labels.values();
+        self.connections_closed.with_label_values(&values).inc();
+        self.received_bytes
+            .with_label_values(&values)
+            .inc_by(record.bytes_sent);
+        self.sent_bytes
+            .with_label_values(&values)
+            .inc_by(record.bytes_received);
+    }
+
+    /// Record the redirect mode the agent runs in.
+    pub fn set_redirect_mode(&self, mode: &str) {
+        self.redirect_mode.reset();
+        self.redirect_mode.with_label_values(&[mode]).set(1);
+    }
+
     pub fn set_enrolled_pods(&self, pods: usize) {
         self.enrolled_pods.set(pods as i64);
     }
@@ -78,6 +353,19 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         self.pool_connections.set(self.pool.connections() as i64);
+        if let Some(secrets) = self.secrets.get() {
+            // Forgotten identities disappear from the page.
+            self.certificate_expiry.reset();
+            for certificate in secrets.certificates() {
+                let expires = certificate
+                    .not_after
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |since| since.as_secs() as i64);
+                self.certificate_expiry
+                    .with_label_values(&[certificate.identity.to_string().as_str()])
+                    .set(expires);
+            }
+        }
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed metrics.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
@@ -154,6 +442,108 @@ mod tests {
         assert!(page.contains("warren_enrolled_pods 3"), "{page}");
         assert!(page.contains("warren_hbone_pool_connections 0"), "{page}");
         assert!(get(addr, "/other").await.starts_with("HTTP/1.1 404"));
+    }
+
+    fn workload(namespace: &str, name: &str, labels: &[(&str, &str)]) -> Arc<Workload> {
+        Arc::new(Workload {
+            namespace: namespace.into(),
+            name: name.into(),
+            service_account: name.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            node: "n1".into(),
+            ips: vec![],
+            netns: "/run/netns/x".into(),
+            cgroup: None,
+            in_mesh: true,
+        })
+    }
+
+    #[test]
+    fn labels_follow_istio() {
+        let mut record = ConnectionRecord::new(
+            "id".into(),
+            Direction::Inbound,
+            "10.0.0.2:80".parse().unwrap(),
+        );
+        record.src_workload = Some(workload("demo", "client-7f9", &[("app", "client")]));
+        record.src_identity = Some("spiffe://cluster.local/ns/demo/sa/client".into());
+        record.dst_workload = Some(workload(
+            "demo",
+            "server-1",
+            &[
+                ("service.istio.io/canonical-name", "server"),
+                ("app", "ignored"),
+                ("app.kubernetes.io/version", "v2"),
+            ],
+        ));
+        record.security = Security::MutualTls;
+        let labels = TrafficLabels::of(&record);
+        for (name, value) in [
+            ("reporter", "destination"),
+            ("source_workload", "client-7f9"),
+            ("source_canonical_service", "client"),
+            ("source_app", "client"),
+            ("source_version", "latest"),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/demo/sa/client",
+            ),
+            ("destination_workload", "server-1"),
+            ("destination_canonical_service", "server"),
+            ("destination_version", "v2"),
+            ("destination_principal", "unknown"),
+            ("destination_service", "unknown"),
+            ("connection_security_policy", "mutual_tls"),
+            ("response_flags", "-"),
+            ("request_protocol", "tcp"),
+        ] {
+            assert_eq!(labels.get(name), Some(value), "{name}");
+        }
+
+        // A plain-text client from nowhere known, refused.
+        let mut refused = ConnectionRecord::new(
+            "id".into(),
+            Direction::Outbound,
+            "10.0.0.2:80".parse().unwrap(),
+        );
+        refused.response_flags = crate::proxy::access_log::ResponseFlags::Deny;
+        let labels = TrafficLabels::of(&refused);
+        assert_eq!(labels.get("reporter"), Some("source"));
+        assert_eq!(labels.get("source_workload"), Some("unknown"));
+        assert_eq!(labels.get("connection_security_policy"), Some("none"));
+        assert_eq!(labels.get("response_flags"), Some("DENY"));
+    }
+
+    #[test]
+    fn a_connection_is_opened_once_and_closed_with_its_bytes() {
+        let metrics = Metrics::new(hbone::Pool::new(hbone::PoolConfig::default())).unwrap();
+        let mut record = ConnectionRecord::new(
+            "id".into(),
+            Direction::Outbound,
+            "10.0.0.2:80".parse().unwrap(),
+        );
+        record.opened(&metrics);
+        record.opened(&metrics);
+        record.bytes_sent = 100;
+        record.bytes_received = 7;
+        record.emit(&metrics);
+        let page = metrics.render();
+        let line = |name: &str| {
+            page.lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_else(|| panic!("no {name} in {page}"))
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(line("istio_tcp_connections_opened_total{"), "1");
+        assert_eq!(line("istio_tcp_connections_closed_total{"), "1");
+        assert_eq!(line("istio_tcp_received_bytes_total{"), "100");
+        assert_eq!(line("istio_tcp_sent_bytes_total{"), "7");
     }
 
     async fn get(addr: SocketAddr, path: &str) -> String {

@@ -10,6 +10,7 @@ pub mod hbone;
 pub mod inbound;
 pub mod inbound_passthrough;
 pub mod outbound;
+pub mod refusals;
 
 use std::{
     collections::HashSet,
@@ -47,6 +48,8 @@ pub struct ProxyContext {
     /// The node's own addresses: connections from them are the node's health probes.
     pub node_ips: HashSet<IpAddr>,
     pub metrics: Arc<Metrics>,
+    /// The last refusals by policy, for `/config_dump` and `warren status`.
+    pub refusals: refusals::RecentRefusals,
 }
 
 /// An enrolled pod as the proxy sees it.
@@ -57,9 +60,42 @@ pub struct Pod {
     pub netns_cookie: u64,
     /// TLS for the pod's 15008: presents the pod's identity, requires a client certificate.
     pub tls_server: Arc<rustls::ServerConfig>,
+    /// Set when the pod leaves the mesh (or changes): its HBONE connections drain.
+    leaving: tokio::sync::watch::Sender<bool>,
 }
 
 impl Pod {
+    pub fn new(
+        workload: Arc<Workload>,
+        identity: Identity,
+        netns: Netns,
+        netns_cookie: u64,
+        tls_server: Arc<rustls::ServerConfig>,
+    ) -> Self {
+        Self {
+            workload,
+            identity,
+            netns,
+            netns_cookie,
+            tls_server,
+            leaving: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
+    /// The pod left the mesh: tell its tunnel connections to drain.
+    pub fn leave(&self) {
+        self.leaving.send_replace(true);
+    }
+
+    /// Completes once [`Self::leave`] was called.
+    pub fn left(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut leaving = self.leaving.subscribe();
+        async move {
+            // An error means the pod is gone altogether: leaving too.
+            let _ = leaving.wait_for(|left| *left).await;
+        }
+    }
+
     /// The pod's address of the same family as `other`.
     pub fn ip_like(&self, other: std::net::IpAddr) -> Option<std::net::IpAddr> {
         let v4 = other.to_canonical().is_ipv4();
@@ -87,7 +123,9 @@ pub fn refused_by_policy(
     reason: &str,
 ) {
     record.outcome = Err(format!("denied by {policy:?}: {reason}"));
+    record.response_flags = access_log::ResponseFlags::Deny;
     ctx.metrics.count_refusal(policy);
+    ctx.refusals.record(record, policy, reason);
 }
 
 /// Close `stream` with a reset (RST), as a refused connection should be: the client sees

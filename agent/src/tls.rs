@@ -92,6 +92,26 @@ pub enum TlsError {
     Config { reason: String },
 }
 
+impl TlsError {
+    /// A short, bounded name for metrics (`reason` of `warren_tls_handshake_errors_total`).
+    pub fn reason_label(&self) -> &'static str {
+        match self {
+            TlsError::WrongServerIdentity { .. } => "wrong_identity",
+            TlsError::NoSpiffeId { .. } => "no_spiffe_id",
+            TlsError::WrongKeyUsage { .. } => "wrong_key_usage",
+            TlsError::UnknownCa => "unknown_ca",
+            TlsError::CaMismatch => "ca_mismatch",
+            TlsError::Expired { .. } => "expired",
+            TlsError::NotYetValid { .. } => "not_yet_valid",
+            TlsError::BadCertificate { .. } => "bad_certificate",
+            TlsError::NoPeerCertificate => "no_peer_certificate",
+            TlsError::RefusedByPeer { .. } => "refused_by_peer",
+            TlsError::Handshake { .. } => "protocol",
+            TlsError::Config { .. } => "config",
+        }
+    }
+}
+
 /// The ring provider restricted to TLS 1.3's AES-GCM suites. Built once.
 pub fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();

@@ -49,18 +49,25 @@ impl fmt::Display for Workload {
 /// Every known workload, looked up by address.
 #[derive(Debug, Default, Clone)]
 pub struct WorkloadIndex {
+    all: Vec<Arc<Workload>>,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
 }
 
 impl WorkloadIndex {
     pub fn new(workloads: impl IntoIterator<Item = Arc<Workload>>) -> Self {
+        let all: Vec<Arc<Workload>> = workloads.into_iter().collect();
         let mut by_ip = HashMap::new();
-        for workload in workloads {
+        for workload in &all {
             for ip in &workload.ips {
                 by_ip.insert(*ip, workload.clone());
             }
         }
-        Self { by_ip }
+        Self { all, by_ip }
+    }
+
+    /// Every workload, in the order given.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.all.iter()
     }
 
     /// The workload that owns `ip` (IPv4-mapped IPv6 addresses are treated as IPv4).

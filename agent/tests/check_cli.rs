@@ -1,9 +1,13 @@
 //! `warren check` as an operator runs it: the built binary on files, its output and exit
-//! status (0 nothing flagged, 2 problems flagged, 1 inputs unreadable).
+//! status (0 nothing flagged, 1 problems flagged, 2 inputs unreadable).
 use std::{
     path::Path,
     process::{Command, Output},
 };
+
+/// The statuses `warren check` exits with.
+const EXIT_PROBLEMS: i32 = 1;
+const EXIT_INPUT_ERROR: i32 = 2;
 
 const WORKLOADS: &str = r#"
 meshNamespaces: [demo]
@@ -95,7 +99,12 @@ fn check_reports_and_sets_the_exit_status() {
         root,
     );
     let stdout = text(&out.stdout);
-    assert_eq!(out.status.code(), Some(2), "{stdout}{}", text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(EXIT_PROBLEMS),
+        "{stdout}{}",
+        text(&out.stderr)
+    );
     for line in [
         "  mTLS: STRICT — PeerAuthentication demo/strict (namespace-wide)\n",
         "  authorization: ALLOW policies apply; connections no rule matches are refused\n",
@@ -117,7 +126,7 @@ fn check_reports_and_sets_the_exit_status() {
         root,
     );
     let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(out.status.code(), Some(EXIT_INPUT_ERROR), "{stderr}");
     assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
     assert!(
         stderr.starts_with("error: policies/typo.yaml:8:9 (document 1): spec.rules[0].from[0].source: unknown field `principal`"),
@@ -130,14 +139,14 @@ fn check_reports_and_sets_the_exit_status() {
 
     // A config that cannot be read, or none given: inputs unreadable, not "problems found".
     let out = warren_check(&["--config", "missing.yaml"], root);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(EXIT_INPUT_ERROR));
     assert!(
         text(&out.stderr).contains("cannot read config file missing.yaml"),
         "{}",
         text(&out.stderr)
     );
     let out = warren_check(&[], root);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(EXIT_INPUT_ERROR));
     assert!(
         text(&out.stderr).contains("--config <FILE>"),
         "{}",

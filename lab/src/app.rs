@@ -12,11 +12,18 @@
 //! - `greet`: the server speaks first (`HELLO warren\n`), then echoes; this catches
 //!   proxies that wait for client bytes before connecting upstream.
 //! - UDP (`--udp`): the server echoes each datagram.
+//!
+//! `bench` holds the benchmark clients (`lab-app bench …`), run against an `echo`
+//! server.
 
+pub mod bench;
 mod connect;
 mod harness;
+mod open_files;
 mod payload;
 mod serve;
+#[cfg(test)]
+mod test_helpers;
 
 use std::fmt;
 
@@ -98,25 +105,13 @@ impl ConnectReport {
 
 #[cfg(test)]
 mod tests {
+    use super::test_helpers::start_server;
     use super::*;
     use std::io::{Read as _, Write as _};
     use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream};
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::{mpsc, Arc};
+    use std::sync::Arc;
     use std::time::Duration;
-
-    /// Start a server on a free loopback port in a background thread (it serves
-    /// until the test process exits) and return the port.
-    fn start(mode: AppMode, udp: bool) -> u16 {
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            serve(ServeOptions { port: 0, mode, udp }, |port| {
-                tx.send(port).unwrap()
-            })
-        });
-        rx.recv_timeout(Duration::from_secs(5))
-            .expect("server ready")
-    }
 
     fn run(mode: AppMode, udp: bool, addr: SocketAddr, bytes: u64) -> ConnectReport {
         connect(&ConnectOptions {
@@ -129,7 +124,7 @@ mod tests {
     #[test]
     fn every_mode_round_trips_on_both_families() {
         for mode in [AppMode::Echo, AppMode::Sha, AppMode::Greet] {
-            let port = start(mode, false);
+            let port = start_server(mode, false);
             for ip in [Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()] {
                 for bytes in [0, 1, 3 * 1024 * 1024 + 7] {
                     let report = run(mode, false, SocketAddr::new(ip, port), bytes);
@@ -140,7 +135,7 @@ mod tests {
                 }
             }
         }
-        let port = start(AppMode::Echo, true);
+        let port = start_server(AppMode::Echo, true);
         for ip in [Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()] {
             let report = run(AppMode::Echo, true, SocketAddr::new(ip, port), 1000);
             assert!(report.ok, "udp {ip}: {report:?}");
@@ -150,7 +145,7 @@ mod tests {
 
     #[test]
     fn echo_server_passes_half_close_on() {
-        let port = start(AppMode::Echo, false);
+        let port = start_server(AppMode::Echo, false);
         let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).unwrap();
         s.write_all(b"abc").unwrap();
         s.shutdown(Shutdown::Write).unwrap();
@@ -162,7 +157,7 @@ mod tests {
     #[test]
     fn mismatches_and_failures_are_reported_not_hidden() {
         // An echo client against a sha server sees the wrong bytes.
-        let port = start(AppMode::Sha, false);
+        let port = start_server(AppMode::Sha, false);
         let report = run(
             AppMode::Echo,
             false,
@@ -172,7 +167,7 @@ mod tests {
         assert!(!report.ok);
         assert!(report.detail.contains("differs"), "{report:?}");
         // A greet client against an echo server times out waiting for the greeting.
-        let port = start(AppMode::Echo, false);
+        let port = start_server(AppMode::Echo, false);
         let report = connect(&ConnectOptions {
             timeout: Duration::from_millis(300),
             ..ConnectOptions::tcp((Ipv4Addr::LOCALHOST, port).into(), AppMode::Greet, 10)
@@ -320,7 +315,7 @@ mod tests {
     #[test]
     fn paced_stream_lasts_its_duration_and_is_checked() {
         for mode in [AppMode::Echo, AppMode::Sha] {
-            let port = start(mode, false);
+            let port = start_server(mode, false);
             let started = std::time::Instant::now();
             let report = connect_load(
                 &options((Ipv4Addr::LOCALHOST, port).into(), mode, 10_007),

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use anyhow::{bail, Context as _, Result};
@@ -57,17 +58,31 @@ fn executable_from_messages(json_lines: &str, bin: &str) -> Option<PathBuf> {
 
 static BUILT: Mutex<Option<HashMap<String, PathBuf>>> = Mutex::new(None);
 
-/// Build binary `bin` of `package` (debug profile) and return its path. Compiler
-/// output goes to this process's stderr. Each binary is built once per process.
+/// Whether [`build_bin`] builds with `--release`: set once by a process that measures
+/// speed (`cargo xtask bench`); tests and the lab build the debug profile.
+static RELEASE: AtomicBool = AtomicBool::new(false);
+
+/// Build every binary of this process (the agent, lab-app) with `--release` from now on.
+pub fn use_release_builds() {
+    RELEASE.store(true, Ordering::SeqCst);
+}
+
+/// Build binary `bin` of `package` (debug profile, or release after
+/// [`use_release_builds`]) and return its path. Compiler output goes to this process's
+/// stderr. Each binary is built once per process.
 pub fn build_bin(package: &str, bin: &str) -> Result<PathBuf> {
-    let key = format!("{package}/{bin}");
+    let release = RELEASE.load(Ordering::SeqCst);
+    let key = format!("{package}/{bin}/{release}");
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(path) = built.get_or_insert_with(HashMap::new).get(&key) {
         return Ok(path.clone());
     }
     let mut cmd = cargo();
-    cmd.args(["build", "--package", package, "--bin", bin])
-        .arg("--message-format=json-render-diagnostics")
+    cmd.args(["build", "--package", package, "--bin", bin]);
+    if release {
+        cmd.arg("--release");
+    }
+    cmd.arg("--message-format=json-render-diagnostics")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());

@@ -178,7 +178,7 @@ impl Lab {
                     eprintln!("lab: mounted bpffs at {}", mounts::BPFFS);
                 }
                 for node in &topology.nodes {
-                    lab.start_agent_locked(lock, &node.name, redirect)?;
+                    lab.start_agent_locked(lock, &node.name, redirect, None)?;
                 }
             }
             Ok(lab)
@@ -253,7 +253,7 @@ impl Lab {
                             Pid::from_raw(pid as i32),
                             Signal::SIGTERM,
                         )?;
-                        lab.start_agent_locked(lock, &node.name, redirect)?;
+                        lab.start_agent_locked(lock, &node.name, redirect, None)?;
                     }
                     Some(_) => {}
                     None => {
@@ -261,7 +261,7 @@ impl Lab {
                             "lab: the agent of {} is not running; starting it",
                             node.name
                         );
-                        lab.start_agent_locked(lock, &node.name, redirect)?;
+                        lab.start_agent_locked(lock, &node.name, redirect, None)?;
                     }
                 }
             }
@@ -496,6 +496,14 @@ impl Lab {
         process::is_agent(pid, node).then_some(pid.as_raw() as u32)
     }
 
+    /// The `warren` binary the agents run; a fresh build when the lab runs none.
+    pub fn warren_binary(&self) -> Result<PathBuf> {
+        match self.read_state()?.agent_binary {
+            Some(binary) => Ok(binary.path),
+            None => crate::cargo::build_bin("warren", "warren"),
+        }
+    }
+
     /// Start capturing on the wire between the nodes (bridge `br0` in `wire`) with a
     /// tcpdump `filter` (e.g. `"tcp"`); stop it with [`Capture::stop`].
     pub fn capture(&self, filter: &str) -> Result<crate::Capture> {
@@ -645,7 +653,21 @@ impl Lab {
         if let Some(pid) = self.agent_pid(node) {
             bail!("the agent of {node} is already running (pid {pid}); kill it first");
         }
-        self.start_agent_locked(&lock, node, redirect)
+        self.start_agent_locked(&lock, node, redirect, None)
+    }
+
+    /// Start the agent of `node` in the lab's mode with its own `config` instead of
+    /// `lab.yaml` (which every agent watches), to give one node a view of its own;
+    /// [`Self::start_agent`] goes back to the lab's config.
+    pub fn start_agent_with_config(&self, node: &str, config: &Path) -> Result<u32> {
+        let LabMode::Agents(redirect) = self.mode else {
+            bail!("the lab is up without agents (mode no-agents); bring it up with agents to start one");
+        };
+        let lock = self.dir.lock()?;
+        if let Some(pid) = self.agent_pid(node) {
+            bail!("the agent of {node} is already running (pid {pid}); kill it first");
+        }
+        self.start_agent_locked(&lock, node, redirect, Some(config))
     }
 
     fn start_agent_locked(
@@ -653,6 +675,7 @@ impl Lab {
         lock: &LabLock,
         node_name: &str,
         redirect: RedirectMode,
+        config: Option<&Path>,
     ) -> Result<u32> {
         if !matches!(self.mode, LabMode::Agents(_)) {
             bail!("the lab is up without agents (mode no-agents); bring it up with agents to start one");
@@ -670,7 +693,7 @@ impl Lab {
         let pid = agent::start(&Launch {
             binary: &binary.path,
             node,
-            config: &self.dir.config(),
+            config: config.unwrap_or(&self.dir.config()),
             redirect,
             ca_dir: &self.dir.ca(),
             policy_dir: &self.dir.policies(),

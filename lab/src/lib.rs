@@ -50,6 +50,7 @@ mod process;
 mod state;
 mod teardown;
 pub mod topology;
+mod verify;
 
 pub use app::{AppClient, AppMode, AppServer, ConnectOptions, ConnectReport, LoadOptions};
 pub use capture::{Capture, Captured};
@@ -58,3 +59,4 @@ pub use lab::Lab;
 pub use nix::sys::signal::Signal;
 pub use options::{LabMode, RedirectMode, UpOptions};
 pub use topology::{Family, Node, Outside, Pod, Target, Topology};
+pub use verify::WireVerify;

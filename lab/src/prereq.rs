@@ -21,6 +21,7 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("tcpdump", "tcpdump"),
     ("bpftool", "bpftool"),
     ("openssl", "openssl"),
+    ("iperf3", "iperf3"),
 ];
 
 /// How to get something that is missing.

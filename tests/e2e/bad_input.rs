@@ -75,7 +75,8 @@ fn agent(lab: &Lab, config: &Path, extra: &[&str]) -> Result<Command> {
 }
 
 /// `cmd` (a warren binary) + `agent --node <node> --bpf-root <BAD_BPF_ROOT> --config <config> <extra…>`,
-/// with metrics on an ephemeral loopback port (never a fixed port of the host).
+/// with metrics, admin and readiness on ephemeral loopback ports (never a fixed port of
+/// the host).
 fn agent_args(mut cmd: Command, node: &str, config: &Path, extra: &[&str]) -> Command {
     cmd.args([
         "agent",
@@ -88,8 +89,10 @@ fn agent_args(mut cmd: Command, node: &str, config: &Path, extra: &[&str]) -> Co
     .arg(config)
     .args(extra)
     .env("RUST_LOG", "info");
-    if !extra.contains(&"--metrics-addr") {
-        cmd.args(["--metrics-addr", "127.0.0.1:0"]);
+    for flag in ["--metrics-addr", "--admin-addr", "--readiness-addr"] {
+        if !extra.contains(&flag) {
+            cmd.args([flag, "127.0.0.1:0"]);
+        }
     }
     cmd
 }

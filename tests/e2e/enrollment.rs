@@ -8,10 +8,16 @@ use warren_lab::{AppMode, ConnectOptions, Family, Lab, LoadOptions};
 
 use crate::support::{access_record, ensure_ok, field, wait_for_log_line, RedirectState};
 
-pub const SCENARIOS: &[(&str, crate::Scenario)] = &[(
-    "enrollment::namespace_joins_and_leaves_while_other_connections_run",
-    namespace_joins_and_leaves,
-)];
+pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
+    (
+        "enrollment::namespace_joins_and_leaves_while_other_connections_run",
+        namespace_joins_and_leaves,
+    ),
+    (
+        "enrollment::pod_that_changes_identity_is_served_as_the_new_one_at_once",
+        pod_changes_identity,
+    ),
+];
 
 /// How long `demo/client`'s stream runs: across both changes.
 const STREAM: Duration = Duration::from_secs(12);
@@ -123,4 +129,71 @@ fn join_and_leave(
         "legacy/client should arrive directly, in plain text, again: {record}"
     );
     Ok(())
+}
+
+/// A pod recreated under the same name with another service account (a StatefulSet pod
+/// whose template changed): n2 releases and enrolls it in one reconcile — its ports are
+/// free again before it binds them — and drains the HBONE connection n1 had pooled to
+/// the old one, so every new connection is made to, and checked against, the new
+/// identity.
+fn pod_changes_identity(lab: &Lab) -> Result<()> {
+    let config = lab.config_path();
+    let original = std::fs::read_to_string(&config)?;
+    ensure!(
+        original.matches("serviceAccount: server\n").count() == 1,
+        "expected one demo/server in lab.yaml:\n{original}"
+    );
+    let renamed = original.replacen("serviceAccount: server\n", "serviceAccount: server-v2\n", 1);
+    let n2 = lab.agent_log_len("n2");
+    let tmp = config.with_extension("e2e.tmp");
+    std::fs::write(&tmp, renamed)?;
+    std::fs::rename(&tmp, &config)?;
+    let changed = (|| -> Result<()> {
+        wait_for_log_line(
+            lab,
+            "n2",
+            n2,
+            &["pod joined the mesh", "demo/server"],
+            RECONCILE,
+        )?;
+        let log = lab.agent_log_since("n2", n2)?;
+        ensure!(
+            !log.contains("cannot enroll"),
+            "n2 should enroll demo/server again at once:\n{log}"
+        );
+        let server = lab.serve("demo/server", 0, AppMode::Echo)?;
+        let dst = lab.pod("demo/server").addr(Family::V4, server.port());
+        // n1 reloads too; until it has, it expects the old identity and refuses.
+        let deadline = std::time::Instant::now() + RECONCILE;
+        loop {
+            let n1 = lab.agent_log_len("n1");
+            let report = lab.connect("demo/client", dst, AppMode::Echo, 1024)?;
+            if report.ok {
+                let record = access_record(lab, "n1", n1, "outbound", dst)?;
+                ensure!(
+                    field(&record, "dst_identity") == "spiffe://cluster.local/ns/demo/sa/server-v2",
+                    "demo/server should be reached as server-v2: {record}"
+                );
+                return Ok(());
+            }
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "demo/client could not reach demo/server as server-v2: {}",
+                report.detail
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    })();
+    let n2 = lab.agent_log_len("n2");
+    std::fs::write(&tmp, &original)?;
+    std::fs::rename(&tmp, &config)?;
+    wait_for_log_line(
+        lab,
+        "n2",
+        n2,
+        &["pod joined the mesh", "demo/server"],
+        RECONCILE,
+    )
+    .context("restoring demo/server's service account")?;
+    changed
 }

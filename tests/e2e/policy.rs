@@ -353,7 +353,7 @@ fn malformed_file_keeps_the_previous_policy(lab: &Lab) -> Result<()> {
     })
 }
 
-const STRICT: &str = "\
+pub(crate) const STRICT: &str = "\
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
 metadata:
@@ -366,7 +366,7 @@ spec:
 
 /// Apply `yaml` as the file `e2e-<name>.yaml` (as `cargo xtask lab apply -f` does) and wait until both agents reloaded
 /// it; run `body`; afterwards — also when `body` fails — delete it and wait again.
-fn with_policies(
+pub(crate) fn with_policies(
     lab: &Lab,
     name: &str,
     yaml: &str,

@@ -102,19 +102,55 @@ pub fn agent_log_tails(lab: &Lab) -> String {
     out
 }
 
-/// `node`'s agent's Prometheus page (`:15020/metrics`, in the node's netns).
+/// `node`'s agent's Prometheus page (`:15020/metrics`, in the node's netns): the whole
+/// HTTP response.
 pub fn metrics_page(lab: &Lab, node: &str) -> Result<String> {
+    http(lab, node, "GET", "127.0.0.1:15020", "/metrics")
+}
+
+/// `node`'s metrics page, parsed by a Prometheus text-format parser.
+pub fn scrape(lab: &Lab, node: &str) -> Result<prometheus_parse::Scrape> {
+    let page = metrics_page(lab, node)?;
+    let body = page
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body)
+        .context("the metrics response has no body")?;
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+        .with_context(|| format!("{node}'s metrics page is not valid Prometheus text"))
+}
+
+/// The sum of `metric`'s samples whose labels include `labels`.
+pub fn sample_sum(scrape: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    use prometheus_parse::Value;
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == metric)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+/// One HTTP/1.1 request from inside `node`'s netns to `addr` (the agent's own ports);
+/// the whole response, status line included.
+pub fn http(lab: &Lab, node: &str, method: &str, addr: &str, path: &str) -> Result<String> {
+    let addr: SocketAddr = addr.parse()?;
     lab.run_in(&format!("node/{node}"), || -> Result<String> {
         use std::io::{Read as _, Write as _};
-        let mut stream = std::net::TcpStream::connect_timeout(
-            &"127.0.0.1:15020".parse()?,
-            Duration::from_secs(5),
-        )?;
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")?;
-        let mut page = String::new();
-        stream.read_to_string(&mut page)?;
-        Ok(page)
+        stream.write_all(
+            format!(
+                "{method} {path} HTTP/1.1\r\nHost: agent\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
     })?
 }
 

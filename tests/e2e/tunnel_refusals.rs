@@ -13,18 +13,29 @@ use std::{
 use anyhow::{bail, ensure, Context as _, Result};
 use warren_lab::{AppMode, Family, Lab};
 
-use crate::support::{access_record, access_records_for, ensure_ok, field, wait_for_log_line};
+use crate::support::{
+    access_record, access_records_for, ensure_ok, field, sample_sum, scrape, wait_for_log_line,
+};
 
 pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
     ("tunnel_refusals::random_bytes", |lab| {
-        raw_peer(lab, b"\x8f\x00\x13garbage\xff\xfe not tls at all\r\n")
+        raw_peer(
+            lab,
+            b"\x8f\x00\x13garbage\xff\xfe not tls at all\r\n",
+            "protocol",
+        )
     }),
     ("tunnel_refusals::plain_http_request", |lab| {
-        raw_peer(lab, b"GET / HTTP/1.1\r\nHost: demo\r\n\r\n")
+        raw_peer(lab, b"GET / HTTP/1.1\r\nHost: demo\r\n\r\n", "protocol")
     }),
     // A TLS handshake record whose ClientHello claims 0xffff bytes and carries 4.
     ("tunnel_refusals::malformed_client_hello", |lab| {
-        raw_peer(lab, b"\x16\x03\x01\x00\x08\x01\x00\xff\xff\x03\x03\x00\x00")
+        // rustls waits for the rest of the message: cut off by the handshake timeout.
+        raw_peer(
+            lab,
+            b"\x16\x03\x01\x00\x08\x01\x00\xff\xff\x03\x03\x00\x00",
+            "timeout",
+        )
     }),
     (
         "tunnel_refusals::stalled_handshake_is_cut_off",
@@ -58,7 +69,8 @@ fn tunnel_addr(lab: &Lab) -> SocketAddr {
 
 /// Send `bytes` to 15008 and expect the agent to close the connection, log the refusal,
 /// and go on serving.
-fn raw_peer(lab: &Lab, bytes: &'static [u8]) -> Result<()> {
+fn raw_peer(lab: &Lab, bytes: &'static [u8], reason: &str) -> Result<()> {
+    let counted = HandshakeErrors::before(lab, reason)?;
     let offset = lab.agent_log_len("n2");
     let addr = tunnel_addr(lab);
     let local = lab.run_in("outside", move || -> Result<SocketAddr> {
@@ -68,11 +80,13 @@ fn raw_peer(lab: &Lab, bytes: &'static [u8]) -> Result<()> {
         Ok(stream.local_addr()?)
     })??;
     refusal_logged(lab, offset, &[&format!("peer={local}"), "tunnel refused"])?;
+    counted.grew(lab)?;
     still_serving(lab)
 }
 
 /// Half a ClientHello, then silence (slowloris): cut off by the handshake timeout.
 fn stalled_handshake(lab: &Lab) -> Result<()> {
+    let counted = HandshakeErrors::before(lab, "timeout")?;
     let offset = lab.agent_log_len("n2");
     let addr = tunnel_addr(lab);
     let local = lab.run_in("outside", move || -> Result<SocketAddr> {
@@ -86,6 +100,7 @@ fn stalled_handshake(lab: &Lab) -> Result<()> {
         offset,
         &[&format!("peer={local}"), "no TLS handshake within"],
     )?;
+    counted.grew(lab)?;
     still_serving(lab)
 }
 
@@ -103,7 +118,12 @@ fn other_ca(lab: &Lab) -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     let (cert, key) = client_certificate(dir.path(), &rogue_ca, 1)?;
-    tls_peer_refused(lab, &cert, &key, "certificate signed by an unknown CA")
+    tls_peer_refused(
+        lab,
+        &cert,
+        &key,
+        ("certificate signed by an unknown CA", "unknown_ca"),
+    )
 }
 
 /// A certificate from the mesh's own CA, for the right identity, but expired.
@@ -112,7 +132,7 @@ fn expired_certificate(lab: &Lab) -> Result<()> {
     // `-days 0`: notAfter = notBefore = now, so it is expired a second later.
     let (cert, key) = client_certificate(dir.path(), &lab.ca_dir(), 0)?;
     std::thread::sleep(Duration::from_millis(1500));
-    tls_peer_refused(lab, &cert, &key, "certificate expired at")
+    tls_peer_refused(lab, &cert, &key, ("certificate expired at", "expired"))
 }
 
 /// Secure naming: n1's agent is told that `demo/server` runs as service account
@@ -196,35 +216,46 @@ fn replace_once(text: &str, from: &str, to: &str) -> Result<String> {
     Ok(text.replacen(from, to, 1))
 }
 
-/// Run `body` while `node`'s agent runs with the lab's config file changed by `edit`;
-/// afterwards — also when `body` fails — the file is restored and the agent restarted
-/// with it.
+/// Run `body` while `node`'s agent runs with a copy of the lab's config changed by
+/// `edit` (the other agents keep the lab's); afterwards — also when `body` fails — the
+/// agent is restarted with the lab's config.
 fn with_agent_config(
     lab: &Lab,
     node: &str,
     edit: impl FnOnce(&str) -> Result<String>,
     body: impl FnOnce() -> Result<()>,
 ) -> Result<()> {
-    let path = lab.config_path();
-    let original = std::fs::read_to_string(&path)?;
-    let restart = || -> Result<()> {
+    // A file of the node's own: every agent watches lab.yaml, and the other node must
+    // keep the true view.
+    let dir = tempfile::tempdir()?;
+    let private = dir.path().join(format!("{node}.yaml"));
+    let stop = || -> Result<()> {
         if lab.agent_pid(node).is_some() {
             lab.kill_agent(node, warren_lab::Signal::SIGTERM)?;
         }
-        lab.start_agent(node).map(drop)
+        Ok(())
     };
-    let changed = edit(&original)
-        .and_then(|yaml| Ok(std::fs::write(&path, yaml)?))
-        .and_then(|()| restart());
+    let changed = edit(&std::fs::read_to_string(lab.config_path())?)
+        .and_then(|yaml| Ok(std::fs::write(&private, yaml)?))
+        .and_then(|()| stop())
+        .and_then(|()| lab.start_agent_with_config(node, &private).map(drop));
     let result = changed.and_then(|()| body());
-    std::fs::write(&path, &original)?;
-    restart().context("restarting the agent with the lab's own config")?;
+    stop()
+        .and_then(|()| lab.start_agent(node).map(drop))
+        .context("restarting the agent with the lab's own config")?;
     result
 }
 
 /// `openssl s_client` from `outside` presenting `cert`; the n2 agent must refuse the
 /// handshake and log `reason`.
-fn tls_peer_refused(lab: &Lab, cert: &Path, key: &Path, reason: &str) -> Result<()> {
+/// `(logged, label)`: what the log line says and the metric's reason label.
+fn tls_peer_refused(
+    lab: &Lab,
+    cert: &Path,
+    key: &Path,
+    (logged, label): (&str, &str),
+) -> Result<()> {
+    let counted = HandshakeErrors::before(lab, label)?;
     let offset = lab.agent_log_len("n2");
     let out = lab
         .command("outside", "openssl")?
@@ -249,7 +280,8 @@ fn tls_peer_refused(lab: &Lab, cert: &Path, key: &Path, reason: &str) -> Result<
         "openssl s_client did not reach the agent's TLS server:\n{printed}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    refusal_logged(lab, offset, &["tunnel refused", reason])?;
+    refusal_logged(lab, offset, &["tunnel refused", logged])?;
+    counted.grew(lab)?;
     still_serving(lab)
 }
 
@@ -349,6 +381,42 @@ fn wait_for_close(stream: &mut TcpStream) -> Result<()> {
 }
 
 /// Wait until n2's agent logged a line (after `offset`) containing every needle.
+/// n2's `warren_tls_handshake_errors_total{direction="inbound", reason}` before a bad
+/// peer, to check that the refusal was counted under the right reason.
+struct HandshakeErrors<'a> {
+    reason: &'a str,
+    before: f64,
+}
+
+impl<'a> HandshakeErrors<'a> {
+    fn before(lab: &Lab, reason: &'a str) -> Result<Self> {
+        Ok(Self {
+            reason,
+            before: Self::count(lab, reason)?,
+        })
+    }
+
+    fn count(lab: &Lab, reason: &str) -> Result<f64> {
+        Ok(sample_sum(
+            &scrape(lab, "n2")?,
+            "warren_tls_handshake_errors_total",
+            &[("direction", "inbound"), ("reason", reason)],
+        ))
+    }
+
+    /// The agent counts before it logs, so once the line is there the count is too.
+    fn grew(&self, lab: &Lab) -> Result<()> {
+        let after = Self::count(lab, self.reason)?;
+        ensure!(
+            after == self.before + 1.0,
+            "n2's warren_tls_handshake_errors_total{{direction=\"inbound\", reason=\"{}\"}} went from {} to {after}, expected one more",
+            self.reason,
+            self.before
+        );
+        Ok(())
+    }
+}
+
 fn refusal_logged(lab: &Lab, offset: u64, needles: &[&str]) -> Result<()> {
     wait_for_log_line(lab, "n2", offset, needles, CLOSE_DEADLINE).map(drop)
 }

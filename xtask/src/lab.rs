@@ -69,6 +69,19 @@ pub enum LabCommand {
         /// The namespace (`demo`).
         namespace: String,
     },
+    /// Prove encryption as an operator would: `warren verify` on the bridge between the
+    /// nodes while traffic flows (demo/client → demo/server over IPv4 and IPv6, and
+    /// legacy/client → demo/server, the clear-text control). Its exit status is warren
+    /// verify's: 0 all traffic between enrolled pods was TLS.
+    Verify {
+        /// How long to capture.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// What counts as the mesh (repeatable, e.g. 10.77.0.0/16); by default the
+        /// addresses of the enrolled pods.
+        #[arg(long = "mesh-cidr", value_name = "CIDR")]
+        mesh_cidrs: Vec<String>,
+    },
 }
 
 pub fn run(command: LabCommand) -> Result<ExitCode> {
@@ -142,6 +155,27 @@ pub fn run(command: LabCommand) -> Result<ExitCode> {
         LabCommand::Delete { file } => {
             let removed = Lab::load()?.delete_policy(&file)?;
             println!("deleted {}", removed.display());
+        }
+        LabCommand::Verify {
+            duration,
+            mut mesh_cidrs,
+        } => {
+            let lab = Lab::load()?;
+            if mesh_cidrs.is_empty() {
+                mesh_cidrs = lab.mesh_cidrs();
+            }
+            println!(
+                "running: warren verify --interface {} --duration {} --mesh-cidr {}",
+                lab.topology().wire.bridge,
+                humantime::format_duration(duration),
+                mesh_cidrs.join(",")
+            );
+            let run = lab.verify_wire(duration, &mesh_cidrs, || lab.wire_traffic())?;
+            eprint!("{}", run.log);
+            print!("{}", run.report);
+            return Ok(ExitCode::from(
+                run.exit_code.unwrap_or(2).clamp(0, 255) as u8
+            ));
         }
         LabCommand::Enroll { namespace } => {
             let changed = Lab::load()?.set_namespace_enrolled(&namespace, true)?;

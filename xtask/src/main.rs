@@ -3,6 +3,7 @@
 //! and the end-to-end test run. The eBPF object itself is built by `agent/build.rs`.
 #![deny(rust_2018_idioms)]
 
+mod bench;
 mod demo;
 mod lab;
 mod setup;
@@ -44,6 +45,10 @@ enum Command {
         #[arg(long)]
         no_agents: bool,
     },
+    /// Measure what the mesh costs (latency, throughput, connection rate, agent memory)
+    /// on the lab, as ratios against direct connections measured in the same run; a
+    /// table on stdout, JSON under target/bench/. Takes the lab down at the end.
+    Bench(bench::BenchArgs),
     /// Run the tests (as root): build warren and the lab, `cargo test`, lab down.
     Test {
         /// Arguments passed on to `cargo test`, after `--`.
@@ -64,6 +69,7 @@ fn main() -> ExitCode {
             redirect,
             no_agents,
         } => demo::run(redirect, !no_agents),
+        Command::Bench(args) => bench::run(&args),
         Command::Test { args } => test::run(&args),
     };
     match result {

@@ -545,7 +545,7 @@ fn exit_status() {
     .unwrap_err()
     .into());
     assert_eq!(exit_code(&unreadable), EXIT_INPUT_ERROR);
-    assert_eq!((EXIT_CLEAN, EXIT_INPUT_ERROR, EXIT_PROBLEMS), (0, 1, 2));
+    assert_eq!((EXIT_CLEAN, EXIT_PROBLEMS, EXIT_INPUT_ERROR), (0, 1, 2));
 }
 
 #[test]

@@ -8,10 +8,13 @@
 use std::{
     io::Write as _,
     net::SocketAddr,
+    sync::Arc,
     time::{Instant, SystemTime},
 };
 
 use serde::Serialize;
+
+use crate::{metrics::Metrics, workload::Workload};
 
 /// Which way a connection crossed this agent.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
@@ -30,7 +33,31 @@ pub enum Security {
     None,
 }
 
-/// A connection's record, filled in as it progresses and written once when it ends.
+/// Why a connection did not complete normally (Istio's `response_flags`, as ztunnel
+/// reports them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ResponseFlags {
+    /// `-`: nothing to report.
+    #[default]
+    None,
+    /// `DENY`: refused by a security policy.
+    Deny,
+    /// `CONNECT`: no upstream connection (connect or tunnel failure, no route).
+    Connect,
+}
+
+impl ResponseFlags {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResponseFlags::None => "-",
+            ResponseFlags::Deny => "DENY",
+            ResponseFlags::Connect => "CONNECT",
+        }
+    }
+}
+
+/// A connection's record, filled in as it progresses and written once when it ends; it
+/// also drives the connection's Istio metrics (opened once known, closed when written).
 #[derive(Debug)]
 pub struct ConnectionRecord {
     pub connection_id: String,
@@ -39,14 +66,17 @@ pub struct ConnectionRecord {
     /// `ip:port` where known, or just the IP (a tunnelled connection's original source).
     pub src_addr: Option<String>,
     pub dst_addr: SocketAddr,
-    pub src_workload: Option<String>,
-    pub dst_workload: Option<String>,
+    pub src_workload: Option<Arc<Workload>>,
+    pub dst_workload: Option<Arc<Workload>>,
     pub src_identity: Option<String>,
     pub dst_identity: Option<String>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub started: Instant,
     pub outcome: Result<(), String>,
+    pub response_flags: ResponseFlags,
+    /// Whether `istio_tcp_connections_opened_total` counted it already.
+    counted_open: bool,
 }
 
 #[derive(Serialize)]
@@ -57,8 +87,8 @@ struct Line<'a> {
     security: Security,
     src_addr: Option<&'a str>,
     dst_addr: SocketAddr,
-    src_workload: Option<&'a str>,
-    dst_workload: Option<&'a str>,
+    src_workload: Option<String>,
+    dst_workload: Option<String>,
     src_identity: Option<&'a str>,
     dst_identity: Option<&'a str>,
     /// Bytes from the client towards the destination.
@@ -67,6 +97,7 @@ struct Line<'a> {
     bytes_received: u64,
     duration_ms: u64,
     outcome: &'static str,
+    response_flags: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'a str>,
 }
@@ -87,6 +118,22 @@ impl ConnectionRecord {
             bytes_received: 0,
             started: Instant::now(),
             outcome: Ok(()),
+            response_flags: ResponseFlags::None,
+            counted_open: false,
+        }
+    }
+
+    /// The connection failed for want of an upstream: `error`, flagged `CONNECT`.
+    pub fn failed(&mut self, error: String) {
+        self.outcome = Err(error);
+        self.response_flags = ResponseFlags::Connect;
+    }
+
+    /// Count the connection as opened (once), with what is known of it now.
+    pub fn opened(&mut self, metrics: &Metrics) {
+        if !self.counted_open {
+            metrics.connection_opened(self);
+            self.counted_open = true;
         }
     }
 
@@ -99,22 +146,27 @@ impl ConnectionRecord {
             security: self.security,
             src_addr: self.src_addr.as_deref(),
             dst_addr: self.dst_addr,
-            src_workload: self.src_workload.as_deref(),
-            dst_workload: self.dst_workload.as_deref(),
+            src_workload: self.src_workload.as_ref().map(|w| w.to_string()),
+            dst_workload: self.dst_workload.as_ref().map(|w| w.to_string()),
             src_identity: self.src_identity.as_deref(),
             dst_identity: self.dst_identity.as_deref(),
             bytes_sent: self.bytes_sent,
             bytes_received: self.bytes_received,
             duration_ms: self.started.elapsed().as_millis() as u64,
             outcome: if self.outcome.is_ok() { "ok" } else { "error" },
+            response_flags: self.response_flags.as_str(),
             error: self.outcome.as_ref().err().map(String::as_str),
         };
         serde_json::to_string(&line)
             .unwrap_or_else(|err| format!("{{\"error\":\"access log: {err}\"}}"))
     }
 
-    /// Write the line (whole, in one write, so lines of concurrent connections never mix).
-    pub fn emit(&self) {
+    /// The connection ended: count it closed (and opened, if that was not counted yet)
+    /// with its bytes, and write the line (whole, in one write, so lines of concurrent
+    /// connections never mix).
+    pub fn emit(mut self, metrics: &Metrics) {
+        self.opened(metrics);
+        metrics.connection_closed(&self);
         let mut line = self.to_json();
         line.push('\n');
         let _ = std::io::stdout().lock().write_all(line.as_bytes());
@@ -136,7 +188,8 @@ pub fn new_connection_id() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn timestamp(at: SystemTime) -> String {
+/// RFC 3339 with fractions of a second, as access log lines carry it.
+pub(crate) fn timestamp(at: SystemTime) -> String {
     let at = time::OffsetDateTime::from(at);
     at.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| at.unix_timestamp().to_string())

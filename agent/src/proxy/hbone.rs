@@ -49,7 +49,7 @@ use std::{
 
 pub use headers::{CONNECTION_ID_HEADER, REASON_HEADER};
 pub use pool::{Pool, PoolConfig, PoolKey};
-pub use server::{serve, InboundRequest};
+pub use server::{serve, serve_until, InboundRequest};
 pub use stream::HboneStream;
 
 /// What the client asks the peer agent to connect to, and on whose behalf.

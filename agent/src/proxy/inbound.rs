@@ -23,11 +23,15 @@ pub async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr, po
     let acceptor = TlsAcceptor::from(pod.tls_server.clone());
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Err(_) => {
+            ctx.metrics.handshake_failed(Direction::Inbound, "timeout");
             tracing::warn!(pod = %pod.workload, %peer, "tunnel refused: no TLS handshake within {HANDSHAKE_TIMEOUT:?}");
             return;
         }
         Ok(Err(err)) => {
-            tracing::warn!(pod = %pod.workload, %peer, reason = %tls::describe_handshake_error(&err), "tunnel refused: TLS handshake failed");
+            let reason = tls::classify_handshake_error(&err);
+            ctx.metrics
+                .handshake_failed(Direction::Inbound, reason.reason_label());
+            tracing::warn!(pod = %pod.workload, %peer, %reason, "tunnel refused: TLS handshake failed");
             return;
         }
         Ok(Ok(tls)) => tls,
@@ -51,7 +55,7 @@ pub async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr, po
             )
         }
     };
-    if let Err(err) = hbone::serve(tls, streams).await {
+    if let Err(err) = hbone::serve_until(tls, streams, pod.left()).await {
         tracing::warn!(pod = %pod.workload, %peer, identity = %peer_identity, error = %err, "tunnel connection ended with an error");
     }
 }
@@ -74,10 +78,11 @@ async fn stream(
     record.security = Security::MutualTls;
     let src_ip = request.forwarded_for().unwrap_or(peer.ip()).to_canonical();
     record.src_addr = Some(src_ip.to_string());
-    record.src_workload = ctx.workloads.current().by_ip(src_ip).map(|w| w.to_string());
+    record.src_workload = ctx.workloads.current().by_ip(src_ip).cloned();
     record.src_identity = Some(peer_identity.to_string());
-    record.dst_workload = Some(pod.workload.to_string());
+    record.dst_workload = Some(pod.workload.clone());
     record.dst_identity = Some(pod.identity.to_string());
+    record.opened(&ctx.metrics);
 
     let refusal = if !pod.workload.ips.contains(&dst.ip()) {
         Some((
@@ -94,8 +99,8 @@ async fn stream(
     };
     if let Some((status, reason)) = refusal {
         request.refuse(status, &reason);
-        record.outcome = Err(format!("refused ({status}): {reason}"));
-        record.emit();
+        record.failed(format!("refused ({status}): {reason}"));
+        record.emit(&ctx.metrics);
         return;
     }
     let connection = ConnectionInfo {
@@ -109,15 +114,15 @@ async fn stream(
     {
         refused_by_policy(&ctx, &mut record, &policy, &reason);
         request.refuse(StatusCode::FORBIDDEN, &format!("denied by {policy:?}"));
-        record.emit();
+        record.emit(&ctx.metrics);
         return;
     }
     let mut upstream = match connect_from(&pod.netns, dst).await {
         Ok(upstream) => upstream,
         Err(err) => {
             request.refuse(StatusCode::SERVICE_UNAVAILABLE, &err.to_string());
-            record.outcome = Err(err.to_string());
-            record.emit();
+            record.failed(err.to_string());
+            record.emit(&ctx.metrics);
             return;
         }
     };
@@ -125,5 +130,5 @@ async fn stream(
         Ok(mut tunnel) => relay(&mut tunnel, &mut upstream, &mut record).await,
         Err(err) => record.outcome = Err(err.to_string()),
     }
-    record.emit();
+    record.emit(&ctx.metrics);
 }

@@ -28,34 +28,31 @@ pub async fn handle(
     };
     let mut record = ConnectionRecord::new(new_connection_id(), Direction::Inbound, dst);
     record.src_addr = Some(peer.to_string());
-    record.src_workload = ctx
-        .workloads
-        .current()
-        .by_ip(peer.ip())
-        .map(|w| w.to_string());
-    record.dst_workload = Some(pod.workload.to_string());
+    record.src_workload = ctx.workloads.current().by_ip(peer.ip()).cloned();
+    record.dst_workload = Some(pod.workload.clone());
     record.dst_identity = Some(pod.identity.to_string());
+    record.opened(&ctx.metrics);
     if !ctx.node_ips.contains(&peer.ip()) {
         if let Some((policy, reason)) = refusal(&ctx, &pod, peer, dst) {
             refused_by_policy(&ctx, &mut record, &policy, &reason);
-            record.emit();
+            record.emit(&ctx.metrics);
             reset(downstream);
             return;
         }
     }
     if is_agent_port(dst.port()) {
-        record.outcome = Err(format!(
+        record.failed(format!(
             "refused: {dst} is one of the agent's own ports (loop)"
         ));
-        record.emit();
+        record.emit(&ctx.metrics);
         return;
     }
     // The pod dialling its own address is not captured again (sk_lookup skips it).
     match connect_from(&pod.netns, dst).await {
         Ok(mut upstream) => relay(&mut downstream, &mut upstream, &mut record).await,
-        Err(err) => record.outcome = Err(err.to_string()),
+        Err(err) => record.failed(err.to_string()),
     }
-    record.emit();
+    record.emit(&ctx.metrics);
 }
 
 /// Why policy refuses this plaintext connection, if it does: STRICT mTLS first, then

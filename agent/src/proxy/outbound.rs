@@ -41,12 +41,12 @@ pub async fn handle(
     };
     let dst_workload = ctx.workloads.current().by_ip(dst.ip()).cloned();
     let mut record = ConnectionRecord::new(new_connection_id(), Direction::Outbound, dst);
-    record.src_workload = Some(pod.workload.to_string());
+    record.src_workload = Some(pod.workload.clone());
     record.src_identity = Some(pod.identity.to_string());
-    record.dst_workload = dst_workload.as_ref().map(|w| w.to_string());
+    record.dst_workload = dst_workload.clone();
 
     if is_agent_port(dst.port()) && pod.workload.ips.contains(&dst.ip().to_canonical()) {
-        record.outcome = Err(format!(
+        record.failed(format!(
             "refused: {dst} is the agent's own port in this pod (loop)"
         ));
     } else {
@@ -54,10 +54,13 @@ pub async fn handle(
             Some(workload) => {
                 tunnel(&ctx, &pod, &workload, dst, &mut downstream, &mut record).await
             }
-            None => passthrough(&pod, dst, &mut downstream, &mut record).await,
+            None => {
+                record.opened(&ctx.metrics);
+                passthrough(&pod, dst, &mut downstream, &mut record).await
+            }
         }
     }
-    record.emit();
+    record.emit(&ctx.metrics);
 }
 
 /// Not in the mesh: connect directly, from the pod's netns.
@@ -70,7 +73,7 @@ async fn passthrough(
     let mut upstream = match connect_from(&pod.netns, dst).await {
         Ok(upstream) => upstream,
         Err(err) => {
-            record.outcome = Err(err.to_string());
+            record.failed(err.to_string());
             return;
         }
     };
@@ -90,14 +93,15 @@ async fn tunnel(
     let expected = match dst_workload.identity(&ctx.trust_domain) {
         Ok(identity) => identity,
         Err(err) => {
-            record.outcome = Err(format!("no identity for {dst_workload}: {err}"));
+            record.failed(format!("no identity for {dst_workload}: {err}"));
             return;
         }
     };
     record.security = Security::MutualTls;
     record.dst_identity = Some(expected.to_string());
+    record.opened(&ctx.metrics);
     let Some(src_ip) = pod.ip_like(dst.ip()) else {
-        record.outcome = Err(format!(
+        record.failed(format!(
             "{} has no address of the family of {dst}",
             pod.workload
         ));
@@ -129,14 +133,15 @@ async fn tunnel(
                 .connect(server_name(dst.ip()), tcp)
                 .await
                 .map_err(|err| {
-                    format!(
-                        "TLS handshake with {tunnel_addr} failed: {}",
-                        tls::describe_handshake_error(&err)
-                    )
+                    let reason = tls::classify_handshake_error(&err);
+                    ctx.metrics
+                        .handshake_failed(Direction::Outbound, reason.reason_label());
+                    format!("TLS handshake with {tunnel_addr} failed: {reason}")
                 })
         })
         .await
         .map_err(|_| {
+            ctx.metrics.handshake_failed(Direction::Outbound, "timeout");
             format!(
                 "tunnel handshake with {tunnel_addr} timed out after {TUNNEL_HANDSHAKE_TIMEOUT:?}"
             )
@@ -147,12 +152,10 @@ async fn tunnel(
     let open = tokio::time::timeout(TUNNEL_OPEN_TIMEOUT, ctx.pool.connect(key, &request, dial));
     match open.await {
         Ok(Ok(mut stream)) => relay(downstream, &mut stream, record).await,
-        Ok(Err(err)) => record.outcome = Err(err.to_string()),
-        Err(_) => {
-            record.outcome = Err(format!(
-                "no answer from {tunnel_addr} within {TUNNEL_OPEN_TIMEOUT:?}"
-            ))
-        }
+        Ok(Err(err)) => record.failed(err.to_string()),
+        Err(_) => record.failed(format!(
+            "no answer from {tunnel_addr} within {TUNNEL_OPEN_TIMEOUT:?}"
+        )),
     }
 }
 

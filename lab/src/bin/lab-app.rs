@@ -7,6 +7,9 @@
 //! `--parallel N [--hold]` runs N at once (all connected before any exchanges; with
 //! `--hold`, idle until standard input ends), `--duration-secs S` spreads sending over S
 //! seconds.
+//! `lab-app bench rr|connect|rate|hold --addr IP:PORT …` measures the path to an echo
+//! server and prints one JSON line (`warren_lab::app::bench`); `hold` then keeps its
+//! connections open until standard input ends.
 //! The behaviour of each mode is documented in `warren_lab::app`.
 #![deny(rust_2018_idioms)]
 
@@ -17,6 +20,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
+use warren_lab::app::bench::{self, BenchCase};
 use warren_lab::app::{self, AppMode, ConnectOptions, LoadOptions, ServeOptions};
 
 #[derive(Parser)]
@@ -76,6 +80,11 @@ enum Cmd {
         #[arg(long, value_parser = parse_secs, conflicts_with = "udp")]
         duration_secs: Option<Duration>,
     },
+    /// Measure the path to an echo server (`serve --mode echo`); print one JSON line.
+    Bench {
+        #[command(subcommand)]
+        case: BenchCase,
+    },
 }
 
 fn main() -> ExitCode {
@@ -130,6 +139,13 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+        Cmd::Bench { case } => match bench::run(&case, &mut std::io::stdout(), std::io::stdin()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lab-app bench {}: {e:#}", case.name());
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 

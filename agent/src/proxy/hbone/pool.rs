@@ -433,7 +433,9 @@ enum OpenError {
 
 impl OpenError {
     fn from_response(err: h2::Error) -> Self {
-        if err.is_io() || err.is_go_away() {
+        // REFUSED_STREAM: the server did not process the stream (it was draining), so
+        // another connection may take it.
+        if err.is_io() || err.is_go_away() || err.reason() == Some(h2::Reason::REFUSED_STREAM) {
             OpenError::ConnectionLost(err)
         } else {
             OpenError::Failed(HboneError::Request(err))

@@ -128,13 +128,31 @@ where
     H: Fn(InboundRequest) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    serve_with_handshake_timeout(io, handler, tuning::HANDSHAKE_TIMEOUT).await
+    serve_until(io, handler, std::future::pending()).await
+}
+
+/// [`serve`], draining once `drain` completes: the peer is told with GOAWAY to open no
+/// more streams here (its pool dials a new connection), the streams it has run to their
+/// end, then the connection closes. For a pod that left the mesh or changed: new
+/// connections must meet its new state, not its old one.
+pub async fn serve_until<IO, H, Fut>(
+    io: IO,
+    handler: H,
+    drain: impl Future<Output = ()>,
+) -> Result<(), HboneError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(InboundRequest) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    serve_with_handshake_timeout(io, handler, tuning::HANDSHAKE_TIMEOUT, drain).await
 }
 
 pub(super) async fn serve_with_handshake_timeout<IO, H, Fut>(
     io: IO,
     handler: H,
     handshake_timeout: Duration,
+    drain: impl Future<Output = ()>,
 ) -> Result<(), HboneError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -157,8 +175,14 @@ where
             Ok(Ok(conn)) => conn,
         };
     let mut keepalive = pin!(keepalive::watch(conn.ping_pong()));
+    let mut drain = pin!(drain);
+    let mut draining = false;
     loop {
         tokio::select! {
+            () = &mut drain, if !draining => {
+                draining = true;
+                conn.graceful_shutdown();
+            }
             next = conn.accept() => match next {
                 None => return Ok(()),
                 Some(Err(err)) => return Err(HboneError::Connection(err)),

@@ -602,7 +602,12 @@ async fn non_http2_peers_are_rejected() {
     client.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
     let result = timeout(
         Duration::from_secs(2),
-        serve_with_handshake_timeout(server, echo, Duration::from_millis(100)),
+        serve_with_handshake_timeout(
+            server,
+            echo,
+            Duration::from_millis(100),
+            std::future::pending(),
+        ),
     )
     .await
     .unwrap();
@@ -625,4 +630,59 @@ fn types_fit_the_integrator() {
         Err::<DuplexStream, _>("not dialled")
     });
     send(&connect);
+}
+
+/// A draining server (its pod left the mesh or changed) finishes the stream it carries
+/// and takes no new one: the pool dials a new connection for the next stream.
+#[tokio::test]
+async fn a_draining_server_finishes_its_streams_and_the_pool_dials_anew() {
+    let pool = Pool::new(PoolConfig::default());
+    let dials = Arc::new(AtomicUsize::new(0));
+    let (drain, draining) = tokio::sync::watch::channel(false);
+    let dial = |drain_when: Option<tokio::sync::watch::Receiver<bool>>| {
+        let dials = Arc::clone(&dials);
+        move || {
+            dials.fetch_add(1, Ordering::SeqCst);
+            let (client, server) = tokio::io::duplex(PIPE);
+            tokio::spawn(super::serve_until(server, echo, async move {
+                match drain_when {
+                    Some(mut rx) => drop(rx.wait_for(|d| *d).await),
+                    None => std::future::pending().await,
+                }
+            }));
+            std::future::ready(Ok::<_, io::Error>(client))
+        }
+    };
+    let first = timeout(
+        LIMIT,
+        pool.connect(
+            key("10.0.0.1"),
+            &request("10.0.0.1:80", "10.0.0.2", "first"),
+            dial(Some(draining)),
+        ),
+    )
+    .await
+    .expect("in time")
+    .expect("first stream");
+    drain.send_replace(true);
+    // The GOAWAY crosses the in-memory pipe at once; give the client's driver a moment.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = timeout(
+        LIMIT,
+        pool.connect(
+            key("10.0.0.1"),
+            &request("10.0.0.1:80", "10.0.0.2", "second"),
+            dial(None),
+        ),
+    )
+    .await
+    .expect("in time")
+    .expect("second stream");
+    assert_eq!(
+        dials.load(Ordering::SeqCst),
+        2,
+        "the second stream needs a new connection"
+    );
+    let (one, two) = tokio::join!(exchange(first, b"one"), exchange(second, b"two"));
+    assert_eq!((one.as_slice(), two.as_slice()), (&b"one"[..], &b"two"[..]));
 }

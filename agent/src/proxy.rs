@@ -11,6 +11,9 @@ pub mod inbound;
 pub mod inbound_passthrough;
 pub mod outbound;
 pub mod refusals;
+pub mod relay;
+
+pub(crate) use relay::relay;
 
 use std::{
     collections::HashSet,
@@ -160,22 +163,5 @@ pub async fn accept_loop<F, Fut>(
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-    }
-}
-
-/// Copy both ways until both sides are done, keeping half-close: when one side stops
-/// sending, the other side's write half is shut down and the reverse direction goes on.
-/// The byte counts (or the error) go into `record`.
-pub async fn relay<A, B>(downstream: &mut A, upstream: &mut B, record: &mut ConnectionRecord)
-where
-    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
-{
-    match tokio::io::copy_bidirectional(downstream, upstream).await {
-        Ok((sent, received)) => {
-            record.bytes_sent = sent;
-            record.bytes_received = received;
-        }
-        Err(err) => record.outcome = Err(err.to_string()),
     }
 }

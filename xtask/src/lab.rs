@@ -23,6 +23,10 @@ pub enum LabCommand {
         /// The end-to-end tests run their lab with 6s.
         #[arg(long, value_parser = humantime::parse_duration)]
         cert_lifetime: Option<std::time::Duration>,
+        /// Run optimized agents (`--release` builds), as `cargo xtask bench` does: for
+        /// measuring or profiling by hand.
+        #[arg(long)]
+        release: bool,
     },
     /// Remove everything the lab created (also from a half-made lab).
     Down,
@@ -90,7 +94,11 @@ pub fn run(command: LabCommand) -> Result<ExitCode> {
             redirect,
             no_agents,
             cert_lifetime,
+            release,
         } => {
+            if release {
+                warren_lab::cargo::use_release_builds();
+            }
             let mut options = if no_agents {
                 UpOptions::no_agents()
             } else {

@@ -21,7 +21,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr, pod: Arc<Pod>) {
     let acceptor = TlsAcceptor::from(pod.tls_server.clone());
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(hbone::buffered(tcp)))
+        .await
+    {
         Err(_) => {
             ctx.metrics.handshake_failed(Direction::Inbound, "timeout");
             tracing::warn!(pod = %pod.workload, %peer, "tunnel refused: no TLS handshake within {HANDSHAKE_TIMEOUT:?}");

@@ -16,7 +16,7 @@ use warren_common::INBOUND_TUNNEL_PORT;
 
 use super::{
     access_log::{new_connection_id, ConnectionRecord, Direction, Security},
-    hbone::{ConnectRequest, PoolKey},
+    hbone::{self, ConnectRequest, PoolKey},
     is_agent_port, relay, Pod, ProxyContext,
 };
 use crate::{socket::connect_from, tls, workload::Workload};
@@ -130,7 +130,7 @@ async fn tunnel(
                 .await
                 .map_err(|err| err.to_string())?;
             TlsConnector::from(config)
-                .connect(server_name(dst.ip()), tcp)
+                .connect(server_name(dst.ip()), hbone::buffered(tcp))
                 .await
                 .map_err(|err| {
                     let reason = tls::classify_handshake_error(&err);

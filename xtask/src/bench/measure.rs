@@ -139,9 +139,19 @@ pub fn path(lab: &Lab, path: MeshPath, plan: &Plan) -> Result<Vec<Figure>> {
             best = Some((concurrency, rate));
         }
     }
+    // The same case name on every path, so that the rates line up and get a ratio; the
+    // concurrency that reached it goes to stderr.
     if let Some((concurrency, rate)) = best {
+        eprintln!("bench: {} peaked at concurrency {concurrency}", path.name());
         figures.push(Figure::new(
-            format!("cross-node new connections/s (best of concurrency {concurrency})"),
+            format!(
+                "cross-node new connections/s (best of concurrency {})",
+                plan.rate_concurrency
+                    .iter()
+                    .map(usize::to_string)
+                    .collect::<Vec<_>>()
+                    .join("/")
+            ),
             Unit::PerSec,
             Better::Higher,
             rate,

@@ -135,12 +135,17 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "\nwarren bench{}, {}, {} cores ({}), Linux {}; median of {} run(s); ratio = path / direct",
+            "\nwarren bench{}, {}, {} cores ({}), Linux {}; {}; median of {} run(s); ratio = path / direct",
             if self.plan.quick { " --quick" } else { "" },
             humantime::format_rfc3339_seconds(self.at),
             self.cores,
             self.cpu,
             self.kernel,
+            if self.plan.cpus_awake {
+                "CPUs kept out of idle states"
+            } else {
+                "CPUs allowed to idle"
+            },
             self.plan.runs
         );
         let mut header = "| case | unit | better |".to_owned();
@@ -210,6 +215,7 @@ impl Report {
             "kernel": self.kernel,
             "paths": self.paths.iter().map(|p| p.name()).collect::<Vec<_>>(),
             "held_connections": self.plan.held_connections,
+            "cpus_awake": self.plan.cpus_awake,
             "figures": rows,
         })
     }
@@ -243,6 +249,7 @@ mod tests {
             quick: true,
             paths: vec![MeshPath::Ebpf],
             runs: None,
+            allow_cpu_idle: false,
         });
         let latency = |value| Figure::new("rr p50".into(), Unit::Micros, Better::Lower, value);
         let report = Report::new(

@@ -686,3 +686,69 @@ async fn a_draining_server_finishes_its_streams_and_the_pool_dials_anew() {
     let (one, two) = tokio::join!(exchange(first, b"one"), exchange(second, b"two"));
     assert_eq!((one.as_slice(), two.as_slice()), (&b"one"[..], &b"two"[..]));
 }
+
+/// The relay as the agents run it — application socket → relay → HBONE stream over
+/// HTTP/2 → relay → destination socket — 4 MiB each way at once, byte-exact, with
+/// half-close carried through both relays: the destination reads to the client's end,
+/// and the client reads the destination's answer to its end.
+#[tokio::test]
+async fn relay_carries_tcp_through_a_tunnel_both_ways() {
+    use crate::proxy::relay::copy_both_ways;
+    let upload = pattern(1, 4 << 20);
+    let answer = pattern(2, 4 << 20);
+
+    // The destination application.
+    let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_addr = app.local_addr().unwrap();
+    let app_task = tokio::spawn({
+        let answer = answer.clone();
+        async move {
+            let (stream, _) = app.accept().await.unwrap();
+            exchange(stream, &answer).await
+        }
+    });
+    // The destination agent: each accepted stream relayed to the application.
+    let peer = Peer::new(move |request: InboundRequest| async move {
+        let mut upstream = TcpStream::connect(app_addr).await.unwrap();
+        let mut tunnel = request.accept().expect("accept");
+        copy_both_ways(&mut tunnel, &mut upstream)
+            .await
+            .expect("destination relay");
+    });
+    // The source agent: the client's connection relayed into a pooled stream.
+    let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let client = TcpStream::connect(front.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (mut downstream, _) = front.accept().await.unwrap();
+    let pool = Pool::new(PoolConfig::default());
+    let mut tunnel = timeout(
+        LIMIT,
+        pool.connect(
+            key("10.0.0.2"),
+            &request(&app_addr.to_string(), "10.0.0.1", "relay"),
+            peer.dialer(),
+        ),
+    )
+    .await
+    .expect("in time")
+    .expect("stream");
+    let relay = tokio::spawn(async move { copy_both_ways(&mut downstream, &mut tunnel).await });
+
+    let got = timeout(LIMIT, exchange(client, &upload))
+        .await
+        .expect("in time");
+    assert!(
+        got == answer,
+        "the client got {} bytes, not the answer",
+        got.len()
+    );
+    let received = app_task.await.unwrap();
+    assert!(
+        received == upload,
+        "the application got {} bytes",
+        received.len()
+    );
+    let counts = relay.await.unwrap().expect("source relay");
+    assert_eq!(counts, (upload.len() as u64, answer.len() as u64));
+}

@@ -1,0 +1,267 @@
+//! Moving bytes both ways between the two ends of a proxied connection.
+//!
+//! Why not `tokio::io::copy_bidirectional`: it keeps two buffers per connection for the
+//! connection's whole life (8 KiB each; more to go faster), so 10 000 idle connections
+//! would hold 160 MiB of buffers, and its 8 KiB reads and writes cost a system call (and
+//! a TLS record, an h2 frame) per 8 KiB. Here:
+//!
+//! - a TCP socket is read only once it is readable, into a buffer allocated for that
+//!   read ([`READ_CHUNK`]): an idle connection holds no buffer at all;
+//! - what was read goes on as `Bytes`, without a copy: into h2 DATA frames, or to the
+//!   other socket;
+//! - DATA frames that arrived together go to the socket in one `writev`.
+//!
+//! Half-close is kept: when one side ends, the other side's write half is shut down and
+//! the reverse direction goes on. An error in either direction ends the relay (the
+//! caller drops both ends: the HBONE stream is reset, the socket closed).
+use std::{
+    collections::VecDeque,
+    io::{self, IoSlice},
+    net::Shutdown,
+};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::net::TcpStream;
+
+use super::access_log::ConnectionRecord;
+
+/// Bytes one read from a socket may take. With it and the tunnel's transport buffers, one
+/// stream across the lab's nodes moved 1.7× the bytes of 8 KiB copies
+/// (docs/performance.md).
+const READ_CHUNK: usize = 64 * 1024;
+/// A read shorter than this is copied into a buffer of its own size, so that a small
+/// message waiting in h2's send buffer does not pin a whole [`READ_CHUNK`].
+const SMALL_READ: usize = 8 * 1024;
+/// Most buffers handed to one `writev`.
+const MAX_IOV: usize = 64;
+
+/// Where a relay reads from, in chunks.
+pub(crate) trait ChunkRead {
+    /// Wait for bytes and append at least one non-empty chunk to `chunks`; `false` at the
+    /// end of the stream (nothing appended).
+    async fn read_chunks(&mut self, chunks: &mut VecDeque<Bytes>) -> io::Result<bool>;
+
+    /// `n` bytes read from here were written to the other end.
+    fn consumed(&mut self, _n: usize) {}
+}
+
+/// Where a relay writes to.
+pub(crate) trait ChunkWrite {
+    /// Write every chunk, emptying `chunks`.
+    async fn write_chunks(&mut self, chunks: &mut VecDeque<Bytes>) -> io::Result<()>;
+
+    /// Nothing more will be written (FIN, END_STREAM).
+    async fn finish(&mut self) -> io::Result<()>;
+}
+
+/// A connection end a relay can read and write at the same time.
+pub(crate) trait Duplex {
+    type Reader<'a>: ChunkRead
+    where
+        Self: 'a;
+    type Writer<'a>: ChunkWrite
+    where
+        Self: 'a;
+
+    fn halves(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>);
+}
+
+/// Copy both ways until both sides are done, keeping half-close. The byte counts (or the
+/// error) go into `record`: `bytes_sent` downstream → upstream, `bytes_received` back.
+pub(crate) async fn relay<A, B>(downstream: &mut A, upstream: &mut B, record: &mut ConnectionRecord)
+where
+    A: Duplex,
+    B: Duplex,
+{
+    match copy_both_ways(downstream, upstream).await {
+        Ok((sent, received)) => {
+            record.bytes_sent = sent;
+            record.bytes_received = received;
+        }
+        Err(err) => record.outcome = Err(err.to_string()),
+    }
+}
+
+/// Bytes copied `a` → `b` and `b` → `a`.
+pub(crate) async fn copy_both_ways<A: Duplex, B: Duplex>(
+    a: &mut A,
+    b: &mut B,
+) -> io::Result<(u64, u64)> {
+    let (a_read, a_write) = a.halves();
+    let (b_read, b_write) = b.halves();
+    tokio::try_join!(copy_one_way(a_read, b_write), copy_one_way(b_read, a_write))
+}
+
+async fn copy_one_way<R: ChunkRead, W: ChunkWrite>(mut from: R, mut to: W) -> io::Result<u64> {
+    let mut chunks = VecDeque::new();
+    let mut total = 0u64;
+    while from.read_chunks(&mut chunks).await? {
+        let n: usize = chunks.iter().map(Bytes::len).sum();
+        to.write_chunks(&mut chunks).await?;
+        from.consumed(n);
+        total += n as u64;
+    }
+    to.finish().await?;
+    Ok(total)
+}
+
+impl<T: ChunkRead> ChunkRead for &mut T {
+    async fn read_chunks(&mut self, chunks: &mut VecDeque<Bytes>) -> io::Result<bool> {
+        (**self).read_chunks(chunks).await
+    }
+
+    fn consumed(&mut self, n: usize) {
+        (**self).consumed(n);
+    }
+}
+
+impl<T: ChunkWrite> ChunkWrite for &mut T {
+    async fn write_chunks(&mut self, chunks: &mut VecDeque<Bytes>) -> io::Result<()> {
+        (**self).write_chunks(chunks).await
+    }
+
+    async fn finish(&mut self) -> io::Result<()> {
+        (**self).finish().await
+    }
+}
+
+/// Reading and writing a socket go through `&TcpStream` (readiness, then a
+/// non-blocking call), so both directions share the socket without a lock.
+impl Duplex for TcpStream {
+    type Reader<'a> = &'a TcpStream;
+    type Writer<'a> = &'a TcpStream;
+
+    fn halves(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>) {
+        (&*self, &*self)
+    }
+}
+
+impl ChunkRead for &TcpStream {
+    async fn read_chunks(&mut self, chunks: &mut VecDeque<Bytes>) -> io::Result<bool> {
+        loop {
+            self.readable().await?;
+            // Allocated only now that there is something to read.
+            let mut buf = BytesMut::with_capacity(READ_CHUNK);
+            match self.try_read_buf(&mut buf) {
+                Ok(0) => return Ok(false),
+                Ok(n) if n < SMALL_READ => chunks.push_back(Bytes::copy_from_slice(&buf)),
+                Ok(_) => chunks.push_back(buf.freeze()),
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(err) => return Err(err),
+            }
+            return Ok(true);
+        }
+    }
+}
+
+impl ChunkWrite for &TcpStream {
+    async fn write_chunks(&mut self, chunks: &mut VecDeque<Bytes>) -> io::Result<()> {
+        while !chunks.is_empty() {
+            self.writable().await?;
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let count = chunks.len().min(MAX_IOV);
+            for (slice, chunk) in slices.iter_mut().zip(chunks.iter()) {
+                *slice = IoSlice::new(chunk);
+            }
+            match self.try_write_vectored(&slices[..count]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => advance(chunks, n),
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self) -> io::Result<()> {
+        socket2::SockRef::from(*self).shutdown(Shutdown::Write)
+    }
+}
+
+/// Drop the first `n` bytes of `chunks`.
+fn advance(chunks: &mut VecDeque<Bytes>, mut n: usize) {
+    while n > 0 {
+        let Some(front) = chunks.front_mut() else {
+            return;
+        };
+        if front.len() > n {
+            front.advance(n);
+            return;
+        }
+        n -= front.len();
+        chunks.pop_front();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpListener;
+
+    /// A connected pair of sockets on loopback.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (client.unwrap(), accepted.unwrap().0)
+    }
+
+    #[test]
+    fn advance_drops_whole_and_partial_chunks() {
+        let mut chunks: VecDeque<Bytes> = [&b"abc"[..], b"de", b"fgh"]
+            .into_iter()
+            .map(Bytes::from_static)
+            .collect();
+        advance(&mut chunks, 4);
+        assert_eq!(
+            chunks,
+            [Bytes::from_static(b"e"), Bytes::from_static(b"fgh")]
+        );
+        advance(&mut chunks, 4);
+        assert!(chunks.is_empty());
+    }
+
+    /// client ⇄ [a relay b] ⇄ server: bytes arrive intact both ways, in sizes that cross
+    /// the chunk boundaries, and half-close travels: the server sees EOF after the
+    /// client's last byte and can still answer.
+    #[tokio::test]
+    async fn copies_both_ways_and_keeps_half_close() {
+        let (mut client, mut a) = pair().await;
+        let (mut b, mut server) = pair().await;
+        let relay = tokio::spawn(async move { copy_both_ways(&mut a, &mut b).await });
+
+        let upload: Vec<u8> = (0..3 * READ_CHUNK + 17).map(|i| (i % 251) as u8).collect();
+        let (sent, received) = tokio::join!(
+            async {
+                client.write_all(&upload).await.unwrap();
+                client.shutdown().await.unwrap();
+                let mut answer = Vec::new();
+                client.read_to_end(&mut answer).await.unwrap();
+                answer
+            },
+            async {
+                let mut got = Vec::new();
+                server.read_to_end(&mut got).await.unwrap();
+                server.write_all(b"thanks").await.unwrap();
+                server.shutdown().await.unwrap();
+                got
+            }
+        );
+        assert_eq!(received, upload);
+        assert_eq!(sent, b"thanks");
+        let (up, down) = relay.await.unwrap().unwrap();
+        assert_eq!((up, down), (upload.len() as u64, 6));
+    }
+
+    /// A reset on one side ends the relay with an error instead of a clean end.
+    #[tokio::test]
+    async fn a_reset_is_an_error() {
+        let (client, mut a) = pair().await;
+        let (mut b, _server) = pair().await;
+        client.set_zero_linger().unwrap();
+        drop(client);
+        let result = copy_both_ways(&mut a, &mut b).await;
+        assert!(result.is_err(), "{result:?}");
+    }
+}

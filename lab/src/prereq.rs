@@ -45,6 +45,13 @@ pub enum Fix {
         /// Exact version.
         version: String,
     },
+    /// A Python package from PyPI, installed with `python3 -m pip`.
+    Pip {
+        /// Package name.
+        package: String,
+        /// Exact version.
+        version: String,
+    },
     /// Something a person has to do.
     Manual(String),
 }
@@ -63,6 +70,9 @@ impl Fix {
             }
             Fix::CargoInstall { krate, version } => {
                 format!("cargo +nightly install {krate}@{version} --locked")
+            }
+            Fix::Pip { package, version } => {
+                format!("python3 -m pip install {package}=={version}")
             }
             Fix::Manual(what) => what.clone(),
         }
@@ -133,6 +143,33 @@ pub fn check_tools() -> Vec<Missing> {
             what: program.to_string(),
             detail: "not found on PATH".into(),
             fix: Fix::Apt(package.to_string()),
+        })
+        .collect()
+}
+
+/// Python packages the interop tests use: `h2`, an HTTP/2 implementation independent of
+/// warren's, for HBONE clients and servers written in Python.
+pub const PYTHON_PACKAGES: &[(&str, &str, &str)] = &[("h2", "h2", "4.3.0")];
+
+/// The Python packages of [`PYTHON_PACKAGES`] that `python3` cannot import.
+pub fn check_python() -> Vec<Missing> {
+    if find_program("python3").is_none() {
+        return vec![Missing {
+            what: "python3".into(),
+            detail: "not found on PATH".into(),
+            fix: Fix::Apt("python3".into()),
+        }];
+    }
+    PYTHON_PACKAGES
+        .iter()
+        .filter(|(module, _, _)| output("python3", &["-c", &format!("import {module}")]).is_none())
+        .map(|(module, package, version)| Missing {
+            what: format!("Python module {module}"),
+            detail: "python3 cannot import it".into(),
+            fix: Fix::Pip {
+                package: package.to_string(),
+                version: version.to_string(),
+            },
         })
         .collect()
 }

@@ -12,6 +12,7 @@ mod bad_input;
 mod capture;
 mod encryption;
 mod enrollment;
+mod interop;
 mod observability;
 mod policy;
 mod support;
@@ -47,6 +48,7 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
     all.extend(encryption::SCENARIOS);
     all.extend(tunnel::SCENARIOS);
     all.extend(tunnel_refusals::SCENARIOS);
+    all.extend(interop::SCENARIOS);
     all.extend(policy::SCENARIOS);
     all.extend(observability::SCENARIOS);
     all.extend(enrollment::SCENARIOS);

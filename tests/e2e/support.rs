@@ -295,3 +295,74 @@ fn bpf_links() -> Result<usize> {
         })
         .count())
 }
+
+/// Key and certificate for SPIFFE ID `identity` (URI SAN, clientAuth + serverAuth), signed
+/// by the CA in `ca` (Istio's layout) for `days` days, made with the openssl command line
+/// — independently of warren's own CA code.
+pub fn client_certificate(
+    dir: &Path,
+    ca: &Path,
+    identity: &str,
+    days: u32,
+) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let (key, csr, cert, ext) = (
+        dir.join("key.pem"),
+        dir.join("req.csr"),
+        dir.join("cert.pem"),
+        dir.join("ext.cnf"),
+    );
+    std::fs::write(
+        &ext,
+        format!("subjectAltName=URI:{identity}\nextendedKeyUsage=clientAuth,serverAuth\nkeyUsage=digitalSignature\n"),
+    )?;
+    let openssl = |args: &[&str]| -> Result<()> {
+        let out = Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .context("running openssl")?;
+        ensure!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    let s = |p: &Path| p.display().to_string();
+    openssl(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        &s(&key),
+    ])?;
+    openssl(&[
+        "req",
+        "-new",
+        "-key",
+        &s(&key),
+        "-subj",
+        "/O=warren-e2e",
+        "-out",
+        &s(&csr),
+    ])?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &s(&csr),
+        "-CA",
+        &s(&ca.join("ca-cert.pem")),
+        "-CAkey",
+        &s(&ca.join("ca-key.pem")),
+        "-days",
+        &days.to_string(),
+        "-extfile",
+        &s(&ext),
+        "-out",
+        &s(&cert),
+    ])?;
+    Ok((cert, key))
+}

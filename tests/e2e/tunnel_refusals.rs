@@ -14,8 +14,12 @@ use anyhow::{bail, ensure, Context as _, Result};
 use warren_lab::{AppMode, Family, Lab};
 
 use crate::support::{
-    access_record, access_records_for, ensure_ok, field, sample_sum, scrape, wait_for_log_line,
+    access_record, access_records_for, client_certificate, ensure_ok, field, sample_sum, scrape,
+    wait_for_log_line,
 };
+
+/// The identity the bad peers' certificates claim: a real one of the mesh.
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
 
 pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
     ("tunnel_refusals::random_bytes", |lab| {
@@ -117,7 +121,7 @@ fn other_ca(lab: &Lab) -> Result<()> {
         "warren ca init: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let (cert, key) = client_certificate(dir.path(), &rogue_ca, 1)?;
+    let (cert, key) = client_certificate(dir.path(), &rogue_ca, CLIENT_ID, 1)?;
     tls_peer_refused(
         lab,
         &cert,
@@ -130,7 +134,7 @@ fn other_ca(lab: &Lab) -> Result<()> {
 fn expired_certificate(lab: &Lab) -> Result<()> {
     let dir = tempfile::tempdir()?;
     // `-days 0`: notAfter = notBefore = now, so it is expired a second later.
-    let (cert, key) = client_certificate(dir.path(), &lab.ca_dir(), 0)?;
+    let (cert, key) = client_certificate(dir.path(), &lab.ca_dir(), CLIENT_ID, 0)?;
     std::thread::sleep(Duration::from_millis(1500));
     tls_peer_refused(lab, &cert, &key, ("certificate expired at", "expired"))
 }
@@ -283,75 +287,6 @@ fn tls_peer_refused(
     refusal_logged(lab, offset, &["tunnel refused", logged])?;
     counted.grew(lab)?;
     still_serving(lab)
-}
-
-/// Key and certificate for `spiffe://cluster.local/ns/demo/sa/client`, signed by the CA
-/// in `ca` (Istio's layout) for `days` days, made with the openssl command line.
-fn client_certificate(
-    dir: &Path,
-    ca: &Path,
-    days: u32,
-) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
-    let (key, csr, cert, ext) = (
-        dir.join("key.pem"),
-        dir.join("req.csr"),
-        dir.join("cert.pem"),
-        dir.join("ext.cnf"),
-    );
-    std::fs::write(
-        &ext,
-        "subjectAltName=URI:spiffe://cluster.local/ns/demo/sa/client\nextendedKeyUsage=clientAuth,serverAuth\nkeyUsage=digitalSignature\n",
-    )?;
-    let openssl = |args: &[&str]| -> Result<()> {
-        let out = Command::new("openssl")
-            .current_dir(dir)
-            .args(args)
-            .output()
-            .context("running openssl")?;
-        ensure!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    };
-    let s = |p: &Path| p.display().to_string();
-    openssl(&[
-        "ecparam",
-        "-name",
-        "prime256v1",
-        "-genkey",
-        "-noout",
-        "-out",
-        &s(&key),
-    ])?;
-    openssl(&[
-        "req",
-        "-new",
-        "-key",
-        &s(&key),
-        "-subj",
-        "/O=warren-e2e",
-        "-out",
-        &s(&csr),
-    ])?;
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        &s(&csr),
-        "-CA",
-        &s(&ca.join("ca-cert.pem")),
-        "-CAkey",
-        &s(&ca.join("ca-key.pem")),
-        "-days",
-        &days.to_string(),
-        "-extfile",
-        &s(&ext),
-        "-out",
-        &s(&cert),
-    ])?;
-    Ok((cert, key))
 }
 
 /// Read until the peer closes (EOF or reset); fail if it is still open at the deadline.

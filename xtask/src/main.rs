@@ -60,7 +60,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Setup => setup::ensure(setup::Scope::Everything).map(|()| {
+        Command::Setup => setup::ensure(setup::Scope::Tests).map(|()| {
             println!("setup: all prerequisites are present");
             ExitCode::SUCCESS
         }),

@@ -15,15 +15,27 @@ pub enum Scope {
     Tools,
     /// The tools and the toolchain that builds the agent's eBPF programs.
     Everything,
+    /// All of that, and what the tests use besides (the Python `h2` package of the
+    /// HBONE interop tests).
+    Tests,
+}
+
+/// What `scope` needs and this machine lacks.
+fn lacking(scope: Scope) -> Vec<Missing> {
+    let mut missing = prereq::check_tools();
+    if matches!(scope, Scope::Everything | Scope::Tests) {
+        missing.extend(prereq::check_toolchain());
+    }
+    if scope == Scope::Tests {
+        missing.extend(prereq::check_python());
+    }
+    missing
 }
 
 /// Check, install what can be installed (printing each thing), and fail with the
 /// commands to run by hand for the rest. Prints nothing when all is present.
 pub fn ensure(scope: Scope) -> Result<()> {
-    let mut missing = prereq::check_tools();
-    if scope == Scope::Everything {
-        missing.extend(prereq::check_toolchain());
-    }
+    let missing = lacking(scope);
     if missing.is_empty() {
         return Ok(());
     }
@@ -79,6 +91,18 @@ pub fn ensure(scope: Scope) -> Result<()> {
                 ]);
                 c
             }
+            Fix::Pip { package, version } => {
+                let mut c = Command::new("python3");
+                c.args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--disable-pip-version-check",
+                    "--root-user-action=ignore",
+                    &format!("{package}=={version}"),
+                ]);
+                c
+            }
             Fix::Apt(_) => continue,
             Fix::Manual(_) => {
                 cannot.push(item.clone());
@@ -101,10 +125,7 @@ pub fn ensure(scope: Scope) -> Result<()> {
         );
     }
     // Whatever was installed must now be found, or the next build fails obscurely.
-    let mut still = prereq::check_tools();
-    if scope == Scope::Everything {
-        still.extend(prereq::check_toolchain());
-    }
+    let still = lacking(scope);
     if !still.is_empty() {
         bail!(
             "still missing after installing:\n{}",

@@ -8,7 +8,7 @@ use warren_lab::{cargo, Lab};
 use crate::setup::{self, Scope};
 
 pub fn run(args: &[String]) -> Result<ExitCode> {
-    setup::ensure(Scope::Everything)?;
+    setup::ensure(Scope::Tests)?;
     if !nix::unistd::geteuid().is_root() {
         bail!(
             "the end-to-end tests need root: they create network namespaces and load eBPF; \

@@ -10,6 +10,9 @@ use super::{ConnectRequest, HboneError};
 pub const CONNECTION_ID_HEADER: &str = "x-warren-connection-id";
 /// Why a CONNECT request was refused, in words for the operator reading the client's log.
 pub const REASON_HEADER: &str = "x-warren-reason";
+/// W3C trace context, which ztunnel sends on every CONNECT. Its trace id is the
+/// connection id: a ztunnel peer's connections then carry one id in both access logs.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
 
 /// Longest refusal reason sent; it is a log line, not a document.
 const MAX_REASON_LEN: usize = 256;
@@ -21,14 +24,64 @@ pub(super) fn connect_request(request: &ConnectRequest) -> Result<Request<()>, H
     // The connection id is the only caller-supplied text; everything else is formatted
     // from addresses, so a builder error can only mean a bad id.
     HeaderValue::from_str(&request.connection_id).map_err(|_| invalid_id())?;
-    Request::builder()
+    let builder = Request::builder()
         .method(Method::CONNECT)
         .version(Version::HTTP_2)
         .uri(authority_value(request.authority))
         .header(header::FORWARDED, forwarded_value(request.forwarded_for))
-        .header(CONNECTION_ID_HEADER, request.connection_id.as_str())
-        .body(())
-        .map_err(|_| invalid_id())
+        .header(CONNECTION_ID_HEADER, request.connection_id.as_str());
+    let builder = match traceparent_value(&request.connection_id) {
+        Some(traceparent) => builder.header(TRACEPARENT_HEADER, traceparent),
+        None => builder,
+    };
+    builder.body(()).map_err(|_| invalid_id())
+}
+
+/// `00-<trace id>-<span id>-01` when the connection id can be a trace id (32 lowercase
+/// hex digits, not all zero, as [`new_connection_id`](crate::proxy::access_log::new_connection_id)
+/// makes them); the span id is fresh.
+fn traceparent_value(connection_id: &str) -> Option<String> {
+    if !is_trace_id(connection_id) {
+        return None;
+    }
+    let mut span = [0u8; 8];
+    rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut span)
+        .ok()?;
+    span[0] |= 1; // never the invalid all-zero span id
+    let span: String = span.iter().map(|b| format!("{b:02x}")).collect();
+    Some(format!("00-{connection_id}-{span}-01"))
+}
+
+/// The trace id of a `traceparent` value (version 00 and the fields it must have).
+fn trace_id_of(traceparent: &str) -> Option<&str> {
+    let mut fields = traceparent.split('-');
+    let (version, trace, span, flags) = (
+        fields.next()?,
+        fields.next()?,
+        fields.next()?,
+        fields.next()?,
+    );
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    (version == "00"
+        && fields.next().is_none()
+        && is_trace_id(trace)
+        && hex(span, 16)
+        && hex(flags, 2))
+    .then_some(trace)
+}
+
+fn is_trace_id(id: &str) -> bool {
+    id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && id.bytes().any(|b| b != b'0')
 }
 
 /// `ip:port`, IPv6 in brackets, without a zone id (meaningless on another node).
@@ -127,8 +180,15 @@ pub(super) fn parse_connect(request: &Request<()>) -> Result<ParsedConnect, Stri
     })
 }
 
+/// Our own header, else the trace id of `traceparent` (what a ztunnel peer sends).
 fn connection_id_of(headers: &HeaderMap) -> Option<String> {
-    let value = headers.get(CONNECTION_ID_HEADER)?;
+    let Some(value) = headers.get(CONNECTION_ID_HEADER) else {
+        return headers
+            .get(TRACEPARENT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(trace_id_of)
+            .map(str::to_owned);
+    };
     match value.to_str() {
         Ok(id) => Some(id.to_owned()),
         Err(_) => {
@@ -238,6 +298,42 @@ mod tests {
             assert_eq!(parsed.authority, authority.parse().unwrap());
             assert_eq!(parsed.connection_id.as_deref(), Some("c-1"));
             assert_eq!(parsed.forwarded_for, Some("10.0.0.1".parse().unwrap()));
+        }
+    }
+
+    #[test]
+    fn trace_context_carries_the_connection_id() {
+        let id = "5f0c1d2e3f405162738495a6b7c8d9e0";
+        let mut req = request("10.0.0.2:80");
+        req.connection_id = id.into();
+        let built = connect_request(&req).unwrap();
+        let traceparent = built.headers()[TRACEPARENT_HEADER].to_str().unwrap();
+        assert_eq!(trace_id_of(traceparent), Some(id), "{traceparent}");
+        assert!(traceparent.starts_with(&format!("00-{id}-")) && traceparent.ends_with("-01"));
+        // Without our header (a ztunnel peer), the trace id is the connection id.
+        let mut from_ztunnel = built;
+        from_ztunnel.headers_mut().remove(CONNECTION_ID_HEADER);
+        assert_eq!(
+            parse_connect(&from_ztunnel)
+                .unwrap()
+                .connection_id
+                .as_deref(),
+            Some(id)
+        );
+        // An id that cannot be a trace id is sent without trace context.
+        assert!(!connect_request(&request("10.0.0.2:80"))
+            .unwrap()
+            .headers()
+            .contains_key(TRACEPARENT_HEADER));
+        for bad in [
+            "01-5f0c1d2e3f405162738495a6b7c8d9e0-0102030405060708-01",
+            "00-00000000000000000000000000000000-0102030405060708-01",
+            "00-5F0C1D2E3F405162738495A6B7C8D9E0-0102030405060708-01",
+            "00-5f0c1d2e3f405162738495a6b7c8d9e0-01020304-01",
+            "00-5f0c1d2e3f405162738495a6b7c8d9e0-0102030405060708-01-extra",
+            "",
+        ] {
+            assert_eq!(trace_id_of(bad), None, "{bad}");
         }
     }
 

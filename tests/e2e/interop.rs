@@ -1,0 +1,136 @@
+//! HBONE against an implementation that is not warren's: an HBONE client written in Python
+//! (the `ssl` module and the `h2` package, `interop/hbone_client.py`) speaking what
+//! Istio's ztunnel speaks. It runs in `legacy/client` (not in the mesh, so nothing
+//! captures it) with a certificate made by openssl, and dials `demo/server`'s port 15008
+//! itself, as a ztunnel node would.
+use std::{path::Path, process::Command};
+
+use anyhow::{ensure, Context as _, Result};
+use serde_json::Value;
+use warren_lab::{AppMode, Family, Lab};
+
+use crate::support::{access_record, client_certificate, field};
+
+pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
+    (
+        "interop::python_hbone_client_reaches_a_pod",
+        python_client_reaches_a_pod,
+    ),
+    (
+        "interop::python_hbone_client_from_another_ca_is_refused",
+        python_client_from_another_ca_is_refused,
+    ),
+];
+
+const CLIENT_POD: &str = "legacy/client";
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/legacy/sa/default";
+const SERVER_ID: &str = "spiffe://cluster.local/ns/demo/sa/server";
+
+/// The Python client's CONNECT is accepted for the identity its certificate proves: the
+/// echo comes back byte-exact through `demo/server`'s agent, whose access record names
+/// the client's SPIFFE ID, the source from `forwarded`, and — the client sending no
+/// warren header — the trace id of its `traceparent` as the connection id.
+fn python_client_reaches_a_pod(lab: &Lab) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (cert, key) = client_certificate(dir.path(), &lab.ca_dir(), CLIENT_ID, 1)?;
+    let app = lab.serve("demo/server", 0, AppMode::Echo)?;
+    let dst = lab.pod("demo/server").addr(Family::V4, app.port());
+    let offset = lab.agent_log_len("n2");
+
+    let (code, report) = python_client(lab, &cert, &key, &lab.ca_dir(), dst)?;
+    ensure!(
+        code == 0 && report["status"] == 200 && report["echo_ok"] == true,
+        "the Python HBONE client should get its echo back (exit {code}): {report}"
+    );
+    ensure!(report["server_id"] == SERVER_ID, "{report}");
+
+    let record = access_record(lab, "n2", offset, "inbound", dst)?;
+    let source = lab.pod(CLIENT_POD).ip(Family::V4).to_string();
+    ensure!(
+        field(&record, "security") == "mutual_tls"
+            && field(&record, "src_identity") == CLIENT_ID
+            && field(&record, "src_addr") == source
+            && field(&record, "connection_id") == report["trace_id"].as_str().unwrap_or("?")
+            && record["bytes_sent"] == report["sent"]
+            && record["outcome"] == "ok",
+        "n2's record of the Python client's tunnel: {record}"
+    );
+    Ok(())
+}
+
+/// A certificate for a real identity, from a CA the mesh does not trust: the handshake
+/// fails on the Python side too (warren aborts it), and the app sees nothing.
+fn python_client_from_another_ca_is_refused(lab: &Lab) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let rogue_ca = dir.path().join("rogue-ca");
+    let out = Command::new(warren_lab::cargo::build_bin("warren", "warren")?)
+        .args(["ca", "init", "--dir"])
+        .arg(&rogue_ca)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "warren ca init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (cert, key) = client_certificate(dir.path(), &rogue_ca, CLIENT_ID, 1)?;
+    let app = lab.serve("demo/server", 0, AppMode::Echo)?;
+    let dst = lab.pod("demo/server").addr(Family::V4, app.port());
+    let offset = lab.agent_log_len("n2");
+    // Trusting the mesh's roots, it still verifies the server; only its own certificate
+    // is foreign.
+    let (code, report) = python_client(lab, &cert, &key, &lab.ca_dir(), dst)?;
+    ensure!(
+        code != 0 && report["echo_ok"] != true,
+        "a client certificate from another CA must be refused (exit {code}): {report}"
+    );
+    crate::support::wait_for_log_line(
+        lab,
+        "n2",
+        offset,
+        &["tunnel refused", "certificate signed by an unknown CA"],
+        std::time::Duration::from_secs(10),
+    )?;
+    Ok(())
+}
+
+/// Run the Python client in `legacy/client` against `dst` through `dst`'s port 15008:
+/// its exit status and JSON report.
+fn python_client(
+    lab: &Lab,
+    cert: &Path,
+    key: &Path,
+    ca_dir: &Path,
+    dst: std::net::SocketAddr,
+) -> Result<(i32, Value)> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/interop/hbone_client.py");
+    let source = lab.pod(CLIENT_POD).ip(Family::V4).to_string();
+    let out = lab
+        .command(CLIENT_POD, "python3")?
+        .arg(&script)
+        .args(["--tunnel", &format!("{}:15008", dst.ip())])
+        .args(["--authority", &dst.to_string()])
+        .args(["--forwarded-for", &source])
+        .args(["--server-id", SERVER_ID])
+        .arg("--cert")
+        .arg(cert)
+        .arg("--key")
+        .arg(key)
+        .arg("--ca")
+        .arg(ca_dir.join("root-cert.pem"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("running the Python HBONE client (python3 with the h2 package; `cargo xtask setup` installs it)")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report = stdout
+        .lines()
+        .last()
+        .and_then(|line| serde_json::from_str(line).ok())
+        .with_context(|| {
+            format!(
+                "the Python HBONE client printed no JSON ({}): {stdout}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    Ok((out.status.code().unwrap_or(-1), report))
+}

@@ -3,13 +3,13 @@
 //! Istio's ztunnel speaks. It runs in `legacy/client` (not in the mesh, so nothing
 //! captures it) with a certificate made by openssl, and dials `demo/server`'s port 15008
 //! itself, as a ztunnel node would.
-use std::{path::Path, process::Command};
+use std::path::Path;
 
 use anyhow::{ensure, Context as _, Result};
 use serde_json::Value;
 use warren_lab::{AppMode, Family, Lab};
 
-use crate::support::{access_record, client_certificate, field};
+use crate::support::{access_record, client_certificate, field, rogue_ca};
 
 pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
     (
@@ -62,16 +62,7 @@ fn python_client_reaches_a_pod(lab: &Lab) -> Result<()> {
 /// fails on the Python side too (warren aborts it), and the app sees nothing.
 fn python_client_from_another_ca_is_refused(lab: &Lab) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let rogue_ca = dir.path().join("rogue-ca");
-    let out = Command::new(warren_lab::cargo::build_bin("warren", "warren")?)
-        .args(["ca", "init", "--dir"])
-        .arg(&rogue_ca)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "warren ca init: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let rogue_ca = rogue_ca(dir.path())?;
     let (cert, key) = client_certificate(dir.path(), &rogue_ca, CLIENT_ID, 1)?;
     let app = lab.serve("demo/server", 0, AppMode::Echo)?;
     let dst = lab.pod("demo/server").addr(Family::V4, app.port());

@@ -366,3 +366,20 @@ pub fn client_certificate(
     ])?;
     Ok((cert, key))
 }
+
+/// A CA the mesh does not trust (`warren ca init` in `dir/rogue-ca`), for certificates
+/// with real identities that must be refused.
+pub fn rogue_ca(dir: &Path) -> Result<std::path::PathBuf> {
+    let rogue = dir.join("rogue-ca");
+    let out = Command::new(warren_lab::cargo::build_bin("warren", "warren")?)
+        .args(["ca", "init", "--dir"])
+        .arg(&rogue)
+        .output()
+        .context("running warren ca init")?;
+    ensure!(
+        out.status.success(),
+        "warren ca init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(rogue)
+}

@@ -6,7 +6,6 @@ use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     path::Path,
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -14,8 +13,8 @@ use anyhow::{bail, ensure, Context as _, Result};
 use warren_lab::{AppMode, Family, Lab};
 
 use crate::support::{
-    access_record, access_records_for, client_certificate, ensure_ok, field, sample_sum, scrape,
-    wait_for_log_line,
+    access_record, access_records_for, client_certificate, ensure_ok, field, rogue_ca, sample_sum,
+    scrape, wait_for_log_line,
 };
 
 /// The identity the bad peers' certificates claim: a real one of the mesh.
@@ -111,16 +110,7 @@ fn stalled_handshake(lab: &Lab) -> Result<()> {
 /// A certificate with the right SPIFFE ID, signed by a CA the mesh does not trust.
 fn other_ca(lab: &Lab) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let rogue_ca = dir.path().join("rogue-ca");
-    let out = Command::new(warren_lab::cargo::build_bin("warren", "warren")?)
-        .args(["ca", "init", "--dir"])
-        .arg(&rogue_ca)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "warren ca init: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let rogue_ca = rogue_ca(dir.path())?;
     let (cert, key) = client_certificate(dir.path(), &rogue_ca, CLIENT_ID, 1)?;
     tls_peer_refused(
         lab,

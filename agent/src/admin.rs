@@ -182,6 +182,7 @@ impl AdminState {
                     "node": w.node,
                     "ips": w.ips,
                     "in_mesh": w.in_mesh,
+                    "foreign_hbone": w.foreign_hbone,
                 })
             })
             .collect();

@@ -290,7 +290,12 @@ pub fn check(
     let mut findings = Vec::new();
     if let Some(node) = node {
         if !config.workloads.iter().any(|w| w.node == node) {
-            let nodes: BTreeSet<&str> = config.workloads.iter().map(|w| w.node.as_str()).collect();
+            let nodes: BTreeSet<&str> = config
+                .workloads
+                .iter()
+                .filter(|w| !w.foreign_hbone)
+                .map(|w| w.node.as_str())
+                .collect();
             findings.push(Finding {
                 kind: FindingKind::UnknownNode,
                 subject: format!("--node {node}"),
@@ -304,7 +309,7 @@ pub fn check(
 
     let workloads: Vec<WorkloadReport> = all
         .iter()
-        .filter(|w| w.in_mesh && node.is_none_or(|n| w.node == n))
+        .filter(|w| w.in_mesh && !w.foreign_hbone && node.is_none_or(|n| w.node == n))
         .map(|w| workload_report(w, policy, trust_domain))
         .collect();
     for report in &workloads {

@@ -458,6 +458,7 @@ mod tests {
             netns: "/run/netns/x".into(),
             cgroup: None,
             in_mesh: true,
+            foreign_hbone: false,
         })
     }
 

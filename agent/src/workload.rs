@@ -27,6 +27,10 @@ pub struct Workload {
     /// Whether the pod is in the mesh (its namespace is enrolled): connections to it are
     /// tunnelled, and its node's agent captures its traffic.
     pub in_mesh: bool,
+    /// Served by another HBONE implementation (a ztunnel node): connections to it are
+    /// tunnelled to its port 15008 and its identity checked, but no agent of ours
+    /// captures it (`node` and `netns` are empty).
+    pub foreign_hbone: bool,
 }
 
 impl Workload {

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result};
 use serde::Serialize;
 
-use crate::topology::{Family, Topology};
+use crate::topology::{Family, Topology, OUTSIDE_FOREIGN_IDENTITY};
 
 /// Top level of `lab.yaml`.
 #[derive(Debug, Serialize, PartialEq)]
@@ -34,14 +34,20 @@ pub struct Workload {
     /// Pod labels (what policy selectors match).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
-    /// Node the pod runs on.
-    pub node: String,
+    /// Node the pod runs on (none for a foreign HBONE workload).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// Pod IPs, IPv4 first.
     pub ips: Vec<IpAddr>,
     /// The pod's netns handle.
-    pub netns: PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
     /// The pod's cgroup directory.
-    pub cgroup: PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
+    /// Served by another HBONE node, not by an agent of the lab.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub foreign_hbone: bool,
 }
 
 impl AgentConfig {
@@ -57,11 +63,29 @@ impl AgentConfig {
                     namespace: pod.namespace.clone(),
                     service_account: pod.service_account.clone(),
                     labels: pod.labels.clone(),
-                    node: pod.node.clone(),
+                    node: Some(pod.node.clone()),
                     ips: Family::BOTH.iter().map(|&f| pod.ip(f)).collect(),
-                    netns: pod.netns_path.clone(),
-                    cgroup: pod.cgroup.clone(),
+                    netns: Some(pod.netns_path.clone()),
+                    cgroup: Some(pod.cgroup.clone()),
+                    foreign_hbone: false,
                 })
+                .chain(topology.foreign_hbone.then(|| {
+                    let (namespace, service_account) = OUTSIDE_FOREIGN_IDENTITY;
+                    Workload {
+                        name: "outside".into(),
+                        namespace: namespace.into(),
+                        service_account: service_account.into(),
+                        labels: BTreeMap::new(),
+                        node: None,
+                        ips: Family::BOTH
+                            .iter()
+                            .map(|&f| topology.outside.ip(f))
+                            .collect(),
+                        netns: None,
+                        cgroup: None,
+                        foreign_hbone: true,
+                    }
+                }))
                 .collect(),
         }
     }

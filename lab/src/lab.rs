@@ -550,14 +550,37 @@ impl Lab {
         {
             pod.enrolled = enrolled;
         }
+        self.rewrite_config(&lock, state)?;
+        Ok(true)
+    }
+
+    /// Declare `outside` a foreign HBONE workload (identity
+    /// `spiffe://cluster.local/ns/outside/sa/default`), or take that back, while the agents
+    /// run: enrolled pods then reach it through its port 15008 — whatever HBONE node
+    /// runs there — and accept its tunnels as that identity. Returns whether anything
+    /// changed.
+    pub fn set_foreign_hbone(&self, foreign: bool) -> Result<bool> {
+        let lock = self.dir.lock()?;
+        let mut state = self.read_state()?;
+        if state.topology.foreign_hbone == foreign {
+            return Ok(false);
+        }
+        state.topology.foreign_hbone = foreign;
+        self.rewrite_config(&lock, state)?;
+        Ok(true)
+    }
+
+    /// Write `lab.yaml` for `state`'s topology atomically (the agents reconcile), then
+    /// the state itself.
+    fn rewrite_config(&self, lock: &LabLock, state: State) -> Result<()> {
+        let topology = &state.topology;
         let path = self.dir.config();
         let tmp = path.with_extension("yaml.tmp");
         fs::write(&tmp, AgentConfig::for_topology(topology).to_yaml()?)
             .with_context(|| format!("writing {}", tmp.display()))?;
         fs::rename(&tmp, &path)
             .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-        self.write(&lock, state)?;
-        Ok(true)
+        self.write(lock, state)
     }
 
     /// The directory of Istio policy YAML (PeerAuthentication, AuthorizationPolicy) every

@@ -217,7 +217,16 @@ pub struct Topology {
     pub outside: Outside,
     /// Every pod, enrolled or not.
     pub pods: Vec<Pod>,
+    /// Whether the agents are told that `outside` is a foreign HBONE workload
+    /// ([`OUTSIDE_FOREIGN_IDENTITY`]): whatever HBONE node runs there is dialled on its
+    /// port 15008, and its connections are accepted as that identity.
+    #[serde(default)]
+    pub foreign_hbone: bool,
 }
+
+/// Namespace and service account of `outside` when it is a foreign HBONE workload:
+/// `spiffe://cluster.local/ns/outside/sa/default`.
+pub const OUTSIDE_FOREIGN_IDENTITY: (&str, &str) = ("outside", "default");
 
 /// What the standard topology is made of; kept as a table so it reads like the brief.
 struct PodSpec {
@@ -388,6 +397,7 @@ impl Topology {
                 wire_veth: "outside".to_string(),
             },
             pods,
+            foreign_hbone: false,
         }
     }
 

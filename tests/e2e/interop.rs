@@ -9,7 +9,7 @@ use anyhow::{ensure, Context as _, Result};
 use serde_json::Value;
 use warren_lab::{AppMode, Family, Lab};
 
-use crate::support::{access_record, client_certificate, field, rogue_ca};
+use crate::support::{access_record, client_certificate, field, rogue_ca, wait_for_log_line};
 
 pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
     (
@@ -19,6 +19,10 @@ pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
     (
         "interop::python_hbone_client_from_another_ca_is_refused",
         python_client_from_another_ca_is_refused,
+    ),
+    (
+        "interop::enrolled_pod_reaches_a_foreign_hbone_server",
+        enrolled_pod_reaches_a_foreign_hbone_server,
     ),
 ];
 
@@ -74,7 +78,7 @@ fn python_client_from_another_ca_is_refused(lab: &Lab) -> Result<()> {
         code != 0 && report["echo_ok"] != true,
         "a client certificate from another CA must be refused (exit {code}): {report}"
     );
-    crate::support::wait_for_log_line(
+    wait_for_log_line(
         lab,
         "n2",
         offset,
@@ -82,6 +86,97 @@ fn python_client_from_another_ca_is_refused(lab: &Lab) -> Result<()> {
         std::time::Duration::from_secs(10),
     )?;
     Ok(())
+}
+
+const FOREIGN_ID: &str = "spiffe://cluster.local/ns/outside/sa/default";
+const RELOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `outside` declared a foreign HBONE workload, served by the Python HBONE server on its
+/// port 15008: `demo/client`'s connection to `outside:9000` is tunnelled there by n1's
+/// agent, which checks the server's identity; the server sees a plain CONNECT for
+/// `outside:9000`, `forwarded` naming `demo/client`, `traceparent`, and the client's
+/// SPIFFE ID from its certificate — and echoes the bytes back.
+fn enrolled_pod_reaches_a_foreign_hbone_server(lab: &Lab) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (cert, key) = client_certificate(dir.path(), &lab.ca_dir(), FOREIGN_ID, 1)?;
+    let offset = lab.agent_log_len("n1");
+    lab.set_foreign_hbone(true)?;
+    let result = (|| -> Result<()> {
+        wait_for_log_line(lab, "n1", offset, &["config reloaded"], RELOAD_WAIT)?;
+        let mut server = PythonServer::start(lab, &cert, &key, &lab.ca_dir())?;
+        let dst = std::net::SocketAddr::new(lab.outside_ip(Family::V4), 9000);
+        let report = lab.connect("demo/client", dst, AppMode::Echo, 64 * 1024)?;
+        ensure!(report.ok, "demo/client → foreign HBONE outside: {report:?}");
+        let seen = server.stream_report()?;
+        let client_ip = lab.pod("demo/client").ip(Family::V4);
+        ensure!(
+            seen["status"] == 200
+                && seen["authority"] == dst.to_string()
+                && seen["forwarded"] == format!("for={client_ip}")
+                && seen["client_id"] == "spiffe://cluster.local/ns/demo/sa/client"
+                && seen["traceparent"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("00-"))
+                && seen["bytes"] == 64 * 1024,
+            "what the foreign HBONE server saw: {seen}"
+        );
+        let record = access_record(lab, "n1", offset, "outbound", dst)?;
+        ensure!(
+            field(&record, "security") == "mutual_tls"
+                && field(&record, "dst_identity") == FOREIGN_ID
+                && field(&record, "dst_workload") == "outside/outside",
+            "n1's record of the tunnel to the foreign workload: {record}"
+        );
+        Ok(())
+    })();
+    let offset = lab.agent_log_len("n1");
+    lab.set_foreign_hbone(false)?;
+    wait_for_log_line(lab, "n1", offset, &["config reloaded"], RELOAD_WAIT)?;
+    result
+}
+
+/// `interop/hbone_server.py` on `outside`'s port 15008, killed on drop.
+struct PythonServer {
+    child: std::process::Child,
+    stdout: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl PythonServer {
+    fn start(lab: &Lab, cert: &Path, key: &Path, ca_dir: &Path) -> Result<Self> {
+        use std::io::BufRead as _;
+        let mut child = python_peer(lab, "outside", "hbone_server.py", cert, key, ca_dir)?
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("starting the Python HBONE server")?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut server = PythonServer {
+            child,
+            stdout: std::io::BufReader::new(stdout).lines(),
+        };
+        let first = server.stdout.next().transpose()?;
+        ensure!(
+            first.as_deref() == Some("listening"),
+            "the Python HBONE server did not start: {first:?}"
+        );
+        Ok(server)
+    }
+
+    /// The JSON line the server printed for the stream it served.
+    fn stream_report(&mut self) -> Result<Value> {
+        let line = self
+            .stdout
+            .next()
+            .transpose()?
+            .context("the Python HBONE server ended without reporting a stream")?;
+        serde_json::from_str(&line).with_context(|| format!("not JSON: {line}"))
+    }
+}
+
+impl Drop for PythonServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Run the Python client in `legacy/client` against `dst` through `dst`'s port 15008:
@@ -93,22 +188,12 @@ fn python_client(
     ca_dir: &Path,
     dst: std::net::SocketAddr,
 ) -> Result<(i32, Value)> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/interop/hbone_client.py");
     let source = lab.pod(CLIENT_POD).ip(Family::V4).to_string();
-    let out = lab
-        .command(CLIENT_POD, "python3")?
-        .arg(&script)
+    let out = python_peer(lab, CLIENT_POD, "hbone_client.py", cert, key, ca_dir)?
         .args(["--tunnel", &format!("{}:15008", dst.ip())])
         .args(["--authority", &dst.to_string()])
         .args(["--forwarded-for", &source])
         .args(["--server-id", SERVER_ID])
-        .arg("--cert")
-        .arg(cert)
-        .arg("--key")
-        .arg(key)
-        .arg("--ca")
-        .arg(ca_dir.join("root-cert.pem"))
-        .stdin(std::process::Stdio::null())
         .output()
         .context("running the Python HBONE client (python3 with the h2 package; `cargo xtask setup` installs it)")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -124,4 +209,29 @@ fn python_client(
             )
         })?;
     Ok((out.status.code().unwrap_or(-1), report))
+}
+
+/// `python3 interop/<script>` in `target`, with its certificate, key and the mesh's trust
+/// bundle, stdin closed.
+fn python_peer(
+    lab: &Lab,
+    target: &str,
+    script: &str,
+    cert: &Path,
+    key: &Path,
+    ca_dir: &Path,
+) -> Result<std::process::Command> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("e2e/interop")
+        .join(script);
+    let mut cmd = lab.command(target, "python3")?;
+    cmd.arg(script)
+        .arg("--cert")
+        .arg(cert)
+        .arg("--key")
+        .arg(key)
+        .arg("--ca")
+        .arg(ca_dir.join("root-cert.pem"))
+        .stdin(std::process::Stdio::null());
+    Ok(cmd)
 }

@@ -27,6 +27,11 @@ pub enum LabCommand {
         /// measuring or profiling by hand.
         #[arg(long)]
         release: bool,
+        /// Declare the `outside` host a foreign HBONE workload
+        /// (spiffe://cluster.local/ns/outside/sa/default): enrolled pods reach it through
+        /// its port 15008, whatever HBONE node (ztunnel, …) runs there.
+        #[arg(long)]
+        foreign_hbone: bool,
     },
     /// Remove everything the lab created (also from a half-made lab).
     Down,
@@ -95,6 +100,7 @@ pub fn run(command: LabCommand) -> Result<ExitCode> {
             no_agents,
             cert_lifetime,
             release,
+            foreign_hbone,
         } => {
             if release {
                 warren_lab::cargo::use_release_builds();
@@ -113,6 +119,10 @@ pub fn run(command: LabCommand) -> Result<ExitCode> {
                 Scope::Tools
             })?;
             let lab = Lab::up(&options)?;
+            if foreign_hbone {
+                lab.set_foreign_hbone(true)?;
+                println!("outside is a foreign HBONE workload (spiffe://cluster.local/ns/outside/sa/default); enrolled pods dial its port 15008");
+            }
             println!("{}", lab.status());
         }
         LabCommand::Down => {

@@ -11,6 +11,10 @@
 //!   ips: ["10.77.1.10", "fd00:77:1::10"]
 //!   netns: /run/netns/warren-n1-demo-client
 //!   cgroup: /sys/fs/cgroup/unified/warren-lab/n1/demo-client
+//! - name: outside                  # served by another HBONE node (ztunnel, another warren)
+//!   namespace: outside
+//!   foreignHbone: true             # no node, no netns: dialled on its 15008, identity checked
+//!   ips: ["192.168.77.100"]
 //! ```
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -57,16 +61,49 @@ struct WorkloadSpec {
     service_account: String,
     #[serde(default)]
     labels: BTreeMap<String, String>,
-    node: String,
+    #[serde(default)]
+    node: Option<String>,
     #[serde(default)]
     ips: Vec<IpAddr>,
-    netns: PathBuf,
+    #[serde(default)]
+    netns: Option<PathBuf>,
     #[serde(default)]
     cgroup: Option<PathBuf>,
+    /// Served by another HBONE implementation (a ztunnel node, another warren): in a mesh,
+    /// but on no node of ours.
+    #[serde(default)]
+    foreign_hbone: bool,
 }
 
 fn default_service_account() -> String {
     "default".to_owned()
+}
+
+/// Where a workload runs: a pod of a node has a node and a netns; a foreign HBONE
+/// workload has neither (and needs addresses, or nobody could reach it).
+fn placement(spec: &WorkloadSpec, id: &str) -> Result<(String, PathBuf), String> {
+    if spec.foreign_hbone {
+        if spec.node.is_some() || spec.netns.is_some() || spec.cgroup.is_some() {
+            return Err(format!(
+                "workload {id} is foreignHbone (served by another HBONE node) and must not name a node, netns or cgroup; remove them, or remove foreignHbone if the pod runs on a node of this agent"
+            ));
+        }
+        if spec.ips.is_empty() {
+            return Err(format!(
+                "workload {id} is foreignHbone but has no `ips`: list the addresses its HBONE node serves"
+            ));
+        }
+        return Ok((String::new(), PathBuf::new()));
+    }
+    let node = match spec.node.as_deref().map(str::trim) {
+        Some(node) if !node.is_empty() => node.to_owned(),
+        Some(_) => return Err(format!("workload {id:?} has an empty `node`")),
+        None => return Err(format!("workload {id} has no `node` (or set foreignHbone: true for a workload served by another HBONE node)")),
+    };
+    let netns = spec.netns.clone().ok_or_else(|| {
+        format!("workload {id} has no `netns` (the path of the pod's network namespace)")
+    })?;
+    Ok((node, netns))
 }
 
 /// The validated contents of a local config file.
@@ -101,11 +138,8 @@ impl LocalConfig {
         let mut workloads = Vec::with_capacity(file.workloads.len());
         for spec in file.workloads {
             let id = format!("{}/{}", spec.namespace, spec.name);
-            for (field, value) in [
-                ("name", &spec.name),
-                ("namespace", &spec.namespace),
-                ("node", &spec.node),
-            ] {
+            let (node, netns) = placement(&spec, &id).map_err(invalid)?;
+            for (field, value) in [("name", &spec.name), ("namespace", &spec.namespace)] {
                 if value.trim().is_empty() {
                     return Err(invalid(format!("workload {id:?} has an empty `{field}`")));
                 }
@@ -121,14 +155,15 @@ impl LocalConfig {
                 }
             }
             workloads.push(Arc::new(Workload {
-                in_mesh: mesh_namespaces.contains(&spec.namespace),
+                in_mesh: spec.foreign_hbone || mesh_namespaces.contains(&spec.namespace),
+                foreign_hbone: spec.foreign_hbone,
                 namespace: spec.namespace,
                 name: spec.name,
                 service_account: spec.service_account,
                 labels: spec.labels,
-                node: spec.node,
+                node,
                 ips: spec.ips.into_iter().map(|ip| ip.to_canonical()).collect(),
-                netns: spec.netns,
+                netns,
                 cgroup: spec.cgroup,
             }));
         }
@@ -142,7 +177,7 @@ impl LocalConfig {
     pub fn enrolled_on(&self, node: &str) -> Vec<Arc<Workload>> {
         self.workloads
             .iter()
-            .filter(|w| w.node == node && w.in_mesh)
+            .filter(|w| w.node == node && w.in_mesh && !w.foreign_hbone)
             .cloned()
             .collect()
     }
@@ -179,6 +214,37 @@ workloads:
 
     fn parse(text: &str) -> Result<LocalConfig, LocalConfigError> {
         LocalConfig::parse(text, Path::new("test.yaml"))
+    }
+
+    #[test]
+    fn foreign_hbone_workloads_are_in_the_mesh_on_no_node() {
+        let text = format!(
+            "{SAMPLE}- name: outside\n  namespace: outside\n  foreignHbone: true\n  ips: [\"192.168.77.100\"]\n"
+        );
+        let config = parse(&text).unwrap();
+        let outside = config.workloads.last().unwrap();
+        assert!(outside.foreign_hbone && outside.in_mesh, "{outside:?}");
+        assert!(config.enrolled_on("n1").iter().all(|w| !w.foreign_hbone));
+        assert!(config.enrolled_on("").is_empty());
+
+        let with_node = text.replace(
+            "  foreignHbone: true\n",
+            "  foreignHbone: true\n  node: n1\n",
+        );
+        let err = parse(&with_node).unwrap_err().to_string();
+        assert!(
+            err.contains("outside/outside is foreignHbone") && err.contains("must not name a node"),
+            "{err}"
+        );
+        let without_ips = text.replace("  ips: [\"192.168.77.100\"]\n", "");
+        let err = parse(&without_ips).unwrap_err().to_string();
+        assert!(err.contains("has no `ips`"), "{err}");
+        let without_node = text.replace("  foreignHbone: true\n", "");
+        let err = parse(&without_node).unwrap_err().to_string();
+        assert!(
+            err.contains("has no `node`") && err.contains("foreignHbone"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -35,6 +35,7 @@ fn workload(id: &str, labels: &[(&str, &str)]) -> Workload {
         netns: "/run/netns/x".into(),
         cgroup: None,
         in_mesh: true,
+        foreign_hbone: false,
     }
 }
 

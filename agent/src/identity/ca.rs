@@ -496,15 +496,57 @@ fn read_key(path: &Path) -> Result<KeyPair, CaError> {
                 "unsupported key ({e}); warren signs with ECDSA P-256/P-384, Ed25519 or RSA keys"
             ))
         }),
-        Ok(PrivateKeyDer::Pkcs1(_)) => Err(bad(format!(
-            "holds an RSA key in PKCS#1 form (BEGIN RSA PRIVATE KEY); warren reads PKCS#8: {convert}"
-        ))),
+        // Istio's plug-in CA keys are often PKCS#1 (`openssl genrsa` before OpenSSL 3):
+        // the same key, wrapped as PKCS#8, is what the signer takes.
+        Ok(PrivateKeyDer::Pkcs1(pkcs1)) => {
+            let pkcs8 = PrivateKeyDer::Pkcs8(rsa_pkcs1_to_pkcs8(pkcs1.secret_pkcs1_der()).into());
+            KeyPair::try_from(&pkcs8).map_err(|e| {
+                bad(format!(
+                    "holds an RSA key in PKCS#1 form (BEGIN RSA PRIVATE KEY) that cannot be used ({e}); {convert}"
+                ))
+            })
+        }
         Ok(PrivateKeyDer::Sec1(_)) => Err(bad(format!(
             "holds an EC key in SEC1 form (BEGIN EC PRIVATE KEY); warren reads PKCS#8: {convert}"
         ))),
-        Ok(_) => Err(bad("holds a key of an unknown form; warren reads PKCS#8".to_owned())),
+        Ok(_) => Err(bad(
+            "holds a key of an unknown form; warren reads PKCS#8".to_owned()
+        )),
         Err(e) => Err(bad(format!("no PEM private key found: {e}"))),
     }
+}
+
+/// PKCS#8 `PrivateKeyInfo` around a PKCS#1 RSA key (RFC 5208): version 0, algorithm
+/// rsaEncryption with NULL parameters, the PKCS#1 DER as the private key.
+fn rsa_pkcs1_to_pkcs8(pkcs1: &[u8]) -> Vec<u8> {
+    /// DER tag-length-value.
+    fn tlv(tag: u8, value: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        let len = value.len();
+        if len < 0x80 {
+            out.push(len as u8);
+        } else {
+            let bytes: Vec<u8> = len
+                .to_be_bytes()
+                .into_iter()
+                .skip_while(|b| *b == 0)
+                .collect();
+            out.push(0x80 | bytes.len() as u8);
+            out.extend(bytes);
+        }
+        out.extend_from_slice(value);
+        out
+    }
+    const VERSION_0: [u8; 3] = [0x02, 0x01, 0x00];
+    // SEQUENCE { OID 1.2.840.113549.1.1.1 (rsaEncryption), NULL }
+    const RSA_ENCRYPTION: [u8; 15] = [
+        0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00,
+    ];
+    let mut body = Vec::with_capacity(pkcs1.len() + 32);
+    body.extend_from_slice(&VERSION_0);
+    body.extend_from_slice(&RSA_ENCRYPTION);
+    body.extend(tlv(0x04, pkcs1));
+    tlv(0x30, &body)
 }
 
 /// A CA as an operator would plug in from Istio: an ECDSA P-384 root kept elsewhere, and
@@ -655,6 +697,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("cert-chain.pem"), "{err}");
+    }
+
+    /// The PKCS#1 form of the test RSA key, wrapped, is byte for byte the PKCS#8 form
+    /// openssl writes; a plug-in CA whose ca-key.pem is PKCS#1 loads and signs.
+    #[test]
+    fn pkcs1_rsa_keys_are_taken_as_they_are() {
+        let pkcs1 =
+            PrivateKeyDer::from_pem_slice(include_bytes!("testdata/rsa-2048-test-only.pkcs1.pem"))
+                .unwrap();
+        let pkcs8 =
+            PrivateKeyDer::from_pem_slice(include_bytes!("testdata/rsa-2048-test-only.pem"))
+                .unwrap();
+        let (PrivateKeyDer::Pkcs1(pkcs1), PrivateKeyDer::Pkcs8(pkcs8)) = (pkcs1, pkcs8) else {
+            panic!("test keys in the wrong forms");
+        };
+        assert_eq!(
+            rsa_pkcs1_to_pkcs8(pkcs1.secret_pkcs1_der()),
+            pkcs8.secret_pkcs8_der()
+        );
+
+        let (dir, _, intermediate) = plugged_in_ca();
+        fs::write(
+            dir.path().join(CA_KEY_FILE),
+            include_str!("testdata/rsa-2048-test-only.pkcs1.pem"),
+        )
+        .unwrap();
+        let ca = CertificateAuthority::load(dir.path()).unwrap();
+        let id = identity("server");
+        let chain = ca
+            .sign_csr(&csr_for(vec![uri(&id)]), &id, Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(
+            chain[1], intermediate,
+            "the leaf comes with its RSA intermediate"
+        );
     }
 
     #[test]

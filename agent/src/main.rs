@@ -106,6 +106,14 @@ enum CaCommand {
         #[arg(long, default_value = warren::config::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
     },
+    /// Check that DIR holds a CA warren can use (e.g. Istio's `cacerts`: RSA or ECDSA,
+    /// a root or an intermediate, several roots in root-cert.pem) and describe it. A leaf
+    /// it signs must verify against root-cert.pem, as peers will verify it.
+    Check {
+        /// The CA directory (root-cert.pem, ca-cert.pem, ca-key.pem, cert-chain.pem).
+        #[arg(long, value_name = "DIR")]
+        dir: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -153,6 +161,18 @@ fn main() -> ExitCode {
                         "created a CA for trust domain {trust_domain} in {}",
                         dir.display()
                     );
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Ca(CaCommand::Check { dir }) => {
+            match warren::identity::CertificateAuthority::load(&dir) {
+                Ok(ca) => {
+                    print!("{}", ca.summary());
                     ExitCode::SUCCESS
                 }
                 Err(err) => {

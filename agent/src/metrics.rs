@@ -25,9 +25,9 @@ use crate::{
     identity::SecretManager,
     proxy::{
         access_log::{ConnectionRecord, Direction, Security},
-        hbone,
+        hbone::{self, Baggage},
     },
-    workload::Workload,
+    workload::{Workload, CLUSTER_ID},
 };
 
 /// Istio's standard TCP metric labels, in the order [`TrafficLabels::values`] gives them.
@@ -59,9 +59,6 @@ pub const TRAFFIC_LABELS: [&str; 23] = [
 
 /// Istio's value for a label nothing is known about.
 const UNKNOWN: &str = "unknown";
-/// Istio's default cluster id (`global.multiCluster.clusterName`).
-const CLUSTER: &str = "Kubernetes";
-
 /// The label values of one connection, as Istio derives them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrafficLabels {
@@ -79,39 +76,34 @@ struct End {
 }
 
 impl End {
-    fn of(workload: Option<&Workload>, principal: Option<&str>) -> Self {
+    /// From the workload this agent knows at that address; else from what the peer said
+    /// in `baggage` (a pod behind a ztunnel node), as ztunnel derives an unknown source.
+    fn of(workload: Option<&Workload>, peer: Option<&Baggage>, principal: Option<&str>) -> Self {
         let principal = principal.unwrap_or(UNKNOWN).to_owned();
-        let Some(w) = workload else {
+        if let Some(w) = workload {
             return End {
-                workload: UNKNOWN.into(),
-                canonical_service: UNKNOWN.into(),
-                canonical_revision: UNKNOWN.into(),
-                namespace: UNKNOWN.into(),
+                // Local mode knows pods, not their owners: the pod is the workload.
+                workload: w.name.clone(),
+                canonical_service: w.canonical_service(),
+                canonical_revision: w.canonical_revision(),
+                namespace: w.namespace.clone(),
                 principal,
-                cluster: UNKNOWN.into(),
+                cluster: CLUSTER_ID.into(),
             };
+        }
+        let said = |value: Option<&Option<String>>| {
+            value
+                .and_then(Option::as_deref)
+                .unwrap_or(UNKNOWN)
+                .to_owned()
         };
-        // Istio's canonical service and revision: its own labels first, then the
-        // Kubernetes recommended ones, then `app`/`version`.
-        let label = |keys: &[&str]| keys.iter().find_map(|k| w.labels.get(*k).cloned());
         End {
-            // Local mode knows pods, not their owners: the pod is the workload.
-            workload: w.name.clone(),
-            canonical_service: label(&[
-                "service.istio.io/canonical-name",
-                "app.kubernetes.io/name",
-                "app",
-            ])
-            .unwrap_or_else(|| w.name.clone()),
-            canonical_revision: label(&[
-                "service.istio.io/canonical-revision",
-                "app.kubernetes.io/version",
-                "version",
-            ])
-            .unwrap_or_else(|| "latest".into()),
-            namespace: w.namespace.clone(),
+            workload: said(peer.map(|b| &b.workload)),
+            canonical_service: said(peer.map(|b| &b.service)),
+            canonical_revision: said(peer.map(|b| &b.revision)),
+            namespace: said(peer.map(|b| &b.namespace)),
             principal,
-            cluster: CLUSTER.into(),
+            cluster: said(peer.map(|b| &b.cluster)),
         }
     }
 }
@@ -121,10 +113,12 @@ impl TrafficLabels {
     pub fn of(record: &ConnectionRecord) -> Self {
         let source = End::of(
             record.src_workload.as_deref(),
+            record.src_baggage.as_ref(),
             record.src_identity.as_deref(),
         );
         let destination = End::of(
             record.dst_workload.as_deref(),
+            None,
             record.dst_identity.as_deref(),
         );
         let reporter = match record.direction {
@@ -516,6 +510,40 @@ mod tests {
         assert_eq!(labels.get("source_workload"), Some("unknown"));
         assert_eq!(labels.get("connection_security_policy"), Some("none"));
         assert_eq!(labels.get("response_flags"), Some("DENY"));
+    }
+
+    #[test]
+    fn an_unknown_tunnelling_peer_is_labelled_by_its_baggage() {
+        let mut record = ConnectionRecord::new(
+            "id".into(),
+            Direction::Inbound,
+            "10.0.0.2:80".parse().unwrap(),
+        );
+        record.src_identity = Some("spiffe://cluster.local/ns/shop/sa/cart".into());
+        record.src_baggage = Some(Baggage {
+            cluster: Some("east".into()),
+            namespace: Some("shop".into()),
+            workload: Some("cart".into()),
+            service: Some("cart-svc".into()),
+            revision: None,
+        });
+        let labels = TrafficLabels::of(&record);
+        for (name, value) in [
+            ("source_workload", "cart"),
+            ("source_workload_namespace", "shop"),
+            ("source_canonical_service", "cart-svc"),
+            ("source_app", "cart-svc"),
+            ("source_version", "unknown"),
+            ("source_cluster", "east"),
+            ("source_principal", "spiffe://cluster.local/ns/shop/sa/cart"),
+        ] {
+            assert_eq!(labels.get(name), Some(value), "{name}");
+        }
+        // What the agent knows of the source wins over what the peer says.
+        record.src_workload = Some(workload("demo", "client-7f9", &[("app", "client")]));
+        let labels = TrafficLabels::of(&record);
+        assert_eq!(labels.get("source_workload"), Some("client-7f9"));
+        assert_eq!(labels.get("source_cluster"), Some("Kubernetes"));
     }
 
     #[test]

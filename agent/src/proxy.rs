@@ -63,6 +63,8 @@ pub struct Pod {
     pub netns_cookie: u64,
     /// TLS for the pod's 15008: presents the pod's identity, requires a client certificate.
     pub tls_server: Arc<rustls::ServerConfig>,
+    /// What the pod's tunnels say about it in `baggage` (made once, sent on every one).
+    pub baggage: hbone::Baggage,
     /// Set when the pod leaves the mesh (or changes): its HBONE connections drain.
     leaving: tokio::sync::watch::Sender<bool>,
 }
@@ -76,6 +78,7 @@ impl Pod {
         tls_server: Arc<rustls::ServerConfig>,
     ) -> Self {
         Self {
+            baggage: hbone::Baggage::of(&workload),
             workload,
             identity,
             netns,

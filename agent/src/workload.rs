@@ -10,6 +10,9 @@ use std::{
 
 use crate::identity::{Identity, IdentityError};
 
+/// The cluster id in metrics and baggage: Istio's default (`global.multiCluster.clusterName`).
+pub const CLUSTER_ID: &str = "Kubernetes";
+
 /// A pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Workload {
@@ -41,6 +44,31 @@ impl Workload {
             self.namespace.as_str(),
             self.service_account.as_str(),
         )
+    }
+
+    /// Istio's canonical service: its own label first, then the Kubernetes recommended
+    /// one, then `app`, else the workload's name.
+    pub fn canonical_service(&self) -> String {
+        self.label(&[
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ])
+        .unwrap_or_else(|| self.name.clone())
+    }
+
+    /// Istio's canonical revision, found the same way, else `latest`.
+    pub fn canonical_revision(&self) -> String {
+        self.label(&[
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ])
+        .unwrap_or_else(|| "latest".into())
+    }
+
+    fn label(&self, keys: &[&str]) -> Option<String> {
+        keys.iter().find_map(|k| self.labels.get(*k).cloned())
     }
 }
 

@@ -94,6 +94,57 @@ pub fn init_ca(binary: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The files of Istio's plug-in CA layout, which `--cacerts` copies.
+const CACERTS_FILES: [&str; 4] = [
+    "root-cert.pem",
+    "ca-cert.pem",
+    "ca-key.pem",
+    "cert-chain.pem",
+];
+
+/// Whether `warren ca check` accepts the CA in `cacerts` (read only): run before the lab
+/// touches the system, so a CA the agents cannot use stops `lab up` with the agent's own
+/// reason, naming the operator's file.
+pub fn check_ca(binary: &Path, cacerts: &Path) -> Result<()> {
+    let out = Command::new(binary)
+        .args(["ca", "check", "--dir"])
+        .arg(cacerts)
+        .output()
+        .with_context(|| format!("running {} ca check", binary.display()))?;
+    if !out.status.success() {
+        bail!(
+            "--cacerts {}: warren cannot use this CA: {}",
+            cacerts.display(),
+            String::from_utf8_lossy(&out.stderr)
+                .trim()
+                .trim_start_matches("error: ")
+        );
+    }
+    eprint!("lab: {}", String::from_utf8_lossy(&out.stdout));
+    Ok(())
+}
+
+/// Give the lab's agents an existing CA (Istio's `cacerts`, checked with [`check_ca`]):
+/// its four files are copied into `dir`, the key mode 0600. The operator's directory is
+/// never touched, and `lab down` removes the copy.
+pub fn install_ca(cacerts: &Path, dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    for file in CACERTS_FILES {
+        let (from, to) = (cacerts.join(file), dir.join(file));
+        std::fs::copy(&from, &to)
+            .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+        let mode = if file == "ca-key.pem" { 0o600 } else { 0o644 };
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("chmod {mode:o} {}", to.display()))?;
+    }
+    Ok(())
+}
+
 /// Start the agent and wait until it is ready; returns its pid. If it exits or
 /// does not become ready in time, it is killed and the error carries its log tail.
 pub fn start(launch: &Launch<'_>) -> Result<Pid> {

@@ -76,9 +76,10 @@ impl Lab {
         }
         let dir = RuntimeDir::default();
         let lock = dir.lock()?;
+        let cacerts = options.agent_cacerts();
         match dir.read_state()? {
-            Some(state) => Lab::reuse(dir, &lock, state, mode, cert_lifetime),
-            None => Lab::create(dir, &lock, mode, cert_lifetime),
+            Some(state) => Lab::reuse(dir, &lock, state, mode, cert_lifetime, cacerts),
+            None => Lab::create(dir, &lock, mode, cert_lifetime, cacerts),
         }
     }
 
@@ -142,6 +143,7 @@ impl Lab {
         lock: &LabLock,
         mode: LabMode,
         cert_lifetime: Option<Duration>,
+        cacerts: Option<&Path>,
     ) -> Result<Lab> {
         let cgroup2 = mounts::cgroup2_mount()?;
         let topology = Topology::standard(&cgroup2);
@@ -151,9 +153,23 @@ impl Lab {
                 .context("removing leftovers of an earlier lab before creating a new one")?;
         }
         // Build before touching the system: a compile error then leaves nothing behind.
-        let binary = match mode {
-            LabMode::Agents(_) => Some(build_agent()?),
-            LabMode::NoAgents => None,
+        let prepared = (|| -> Result<Option<AgentBinary>> {
+            let binary = match mode {
+                LabMode::Agents(_) => Some(build_agent()?),
+                LabMode::NoAgents => None,
+            };
+            if let (Some(binary), Some(cacerts)) = (&binary, cacerts) {
+                agent::check_ca(&binary.path, cacerts)?;
+            }
+            Ok(binary)
+        })();
+        let binary = match prepared {
+            Ok(binary) => binary,
+            Err(err) => {
+                // Nothing was created but the runtime directory holding the lock.
+                let _ = teardown::down(&dir, lock, RuntimeDirRemoval::All);
+                return Err(err);
+            }
         };
         let created = (|| -> Result<Lab> {
             eprintln!("lab: creating namespaces, links and cgroups");
@@ -166,11 +182,15 @@ impl Lab {
             let mut state = State::new(mode, topology.clone());
             state.agent_binary = binary;
             state.cert_lifetime = cert_lifetime;
+            state.cacerts = cacerts.map(Path::to_path_buf);
             dir.write_state(lock, &state)?;
             let lab = Lab::from_state(dir.clone(), state);
             if let LabMode::Agents(redirect) = mode {
                 if let Some(binary) = &lab.state_or_cached().agent_binary {
-                    agent::init_ca(&binary.path, &dir.ca())?;
+                    match cacerts {
+                        Some(cacerts) => agent::install_ca(cacerts, &dir.ca())?,
+                        None => agent::init_ca(&binary.path, &dir.ca())?,
+                    }
                 }
                 fs::create_dir_all(dir.policies())
                     .with_context(|| format!("creating {}", dir.policies().display()))?;
@@ -204,6 +224,7 @@ impl Lab {
         state: State,
         mode: LabMode,
         cert_lifetime: Option<Duration>,
+        cacerts: Option<&Path>,
     ) -> Result<Lab> {
         if state.mode != mode {
             bail!(
@@ -216,6 +237,17 @@ impl Lab {
                 "lab is up with agent certificate lifetime {}; run `cargo xtask lab down` first (asked for {})",
                 describe_lifetime(state.cert_lifetime),
                 describe_lifetime(cert_lifetime)
+            );
+        }
+        if state.cacerts.as_deref() != cacerts {
+            let describe = |dir: Option<&Path>| match dir {
+                Some(dir) => format!("the plug-in CA from {}", dir.display()),
+                None => "a CA of its own".to_owned(),
+            };
+            bail!(
+                "lab is up with {}; run `cargo xtask lab down` first (asked for {})",
+                describe(state.cacerts.as_deref()),
+                describe(cacerts)
             );
         }
         for path in state

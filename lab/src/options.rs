@@ -2,6 +2,7 @@
 //! use.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -72,7 +73,7 @@ impl fmt::Display for LabMode {
 }
 
 /// Options for [`crate::Lab::up`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UpOptions {
     /// Redirect mode for the agents (ignored without agents).
     pub redirect: RedirectMode,
@@ -81,6 +82,10 @@ pub struct UpOptions {
     /// The agents' `--cert-lifetime`; `None` leaves the agent's default (24 h). Tests of
     /// certificate renewal need seconds, not hours (ignored without agents).
     pub cert_lifetime: Option<Duration>,
+    /// An existing CA in Istio's plug-in layout (`cacerts`: root-cert.pem, ca-cert.pem,
+    /// ca-key.pem, cert-chain.pem) for every agent, copied into the lab; `None` makes a
+    /// new one with `warren ca init` (ignored without agents).
+    pub cacerts: Option<PathBuf>,
 }
 
 impl Default for UpOptions {
@@ -90,6 +95,7 @@ impl Default for UpOptions {
             redirect: RedirectMode::Auto,
             agents: true,
             cert_lifetime: None,
+            cacerts: None,
         }
     }
 }
@@ -101,6 +107,7 @@ impl UpOptions {
             redirect,
             agents: true,
             cert_lifetime: None,
+            cacerts: None,
         }
     }
 
@@ -110,6 +117,7 @@ impl UpOptions {
             redirect: RedirectMode::Auto,
             agents: false,
             cert_lifetime: None,
+            cacerts: None,
         }
     }
 
@@ -119,6 +127,19 @@ impl UpOptions {
             cert_lifetime: Some(lifetime),
             ..self
         }
+    }
+
+    /// The same options with the agents' CA copied from `dir` (Istio's `cacerts` layout).
+    pub fn cacerts(self, dir: impl Into<PathBuf>) -> Self {
+        UpOptions {
+            cacerts: Some(dir.into()),
+            ..self
+        }
+    }
+
+    /// The plug-in CA the agents get: `None` without agents.
+    pub fn agent_cacerts(&self) -> Option<&Path> {
+        self.cacerts.as_deref().filter(|_| self.agents)
     }
 
     /// The certificate lifetime the agents get: `None` without agents, where there is

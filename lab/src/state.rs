@@ -146,6 +146,10 @@ pub struct State {
     /// with the default.
     #[serde(default)]
     pub cert_lifetime: Option<Duration>,
+    /// The plug-in CA directory the lab's CA was copied from (`--cacerts`); `None` when
+    /// the lab made its own.
+    #[serde(default)]
+    pub cacerts: Option<PathBuf>,
     /// The agent binary the agents run, to notice when it is rebuilt.
     pub agent_binary: Option<AgentBinary>,
     /// Agents by node name.
@@ -160,6 +164,7 @@ impl State {
             mode,
             topology,
             cert_lifetime: None,
+            cacerts: None,
             agent_binary: None,
             agents: BTreeMap::new(),
         }

@@ -1,20 +1,31 @@
 //! HBONE against an implementation that is not warren's: an HBONE client written in Python
 //! (the `ssl` module and the `h2` package, `interop/hbone_client.py`) speaking what
-//! Istio's ztunnel speaks. It runs in `legacy/client` (not in the mesh, so nothing
-//! captures it) with a certificate made by openssl, and dials `demo/server`'s port 15008
-//! itself, as a ztunnel node would.
+//! Istio's ztunnel speaks. It runs in `legacy/client` or `outside` (captured by nobody)
+//! with a certificate made by openssl, and dials `demo/server`'s port 15008 itself, as a
+//! ztunnel node would; and a Python HBONE server (`interop/hbone_server.py`) on
+//! `outside` that enrolled pods reach as a foreign HBONE workload.
 use std::path::Path;
 
 use anyhow::{ensure, Context as _, Result};
 use serde_json::Value;
 use warren_lab::{AppMode, Family, Lab};
 
-use crate::support::{access_record, client_certificate, field, rogue_ca, wait_for_log_line};
+use crate::support::{
+    access_record, client_certificate, field, rogue_ca, sample_sum, scrape, wait_for_log_line,
+};
 
 pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
     (
         "interop::python_hbone_client_reaches_a_pod",
         python_client_reaches_a_pod,
+    ),
+    (
+        "interop::ztunnel_peer_is_labelled_by_its_baggage",
+        ztunnel_peer_is_labelled_by_its_baggage,
+    ),
+    (
+        "interop::leaf_only_peer_of_the_second_root_is_accepted",
+        leaf_only_peer_of_the_second_root_is_accepted,
     ),
     (
         "interop::python_hbone_client_from_another_ca_is_refused",
@@ -33,20 +44,26 @@ const SERVER_ID: &str = "spiffe://cluster.local/ns/demo/sa/server";
 /// The Python client's CONNECT is accepted for the identity its certificate proves: the
 /// echo comes back byte-exact through `demo/server`'s agent, whose access record names
 /// the client's SPIFFE ID, the source from `forwarded`, and — the client sending no
-/// warren header — the trace id of its `traceparent` as the connection id.
+/// warren header — the trace id of its `traceparent` as the connection id. The 200
+/// carries `demo/server`'s metadata in `baggage`, as ztunnel's does.
 fn python_client_reaches_a_pod(lab: &Lab) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (cert, key) = client_certificate(dir.path(), &lab.ca_dir(), CLIENT_ID, 1)?;
-    let app = lab.serve("demo/server", 0, AppMode::Echo)?;
-    let dst = lab.pod("demo/server").addr(Family::V4, app.port());
-    let offset = lab.agent_log_len("n2");
-
-    let (code, report) = python_client(lab, &cert, &key, &lab.ca_dir(), dst)?;
+    let (dst, offset, code, report) = python_client_echo(lab, &cert, &key)?;
     ensure!(
         code == 0 && report["status"] == 200 && report["echo_ok"] == true,
         "the Python HBONE client should get its echo back (exit {code}): {report}"
     );
     ensure!(report["server_id"] == SERVER_ID, "{report}");
+    let version = &lab.pod("demo/server").labels["version"];
+    ensure!(
+        report["baggage"]
+            == format!(
+                "k8s.cluster.name=Kubernetes,k8s.namespace.name=demo,k8s.pod.name=server,\
+                 service.name=server,service.version={version}"
+            ),
+        "the 200 should carry demo/server's baggage: {report}"
+    );
 
     let record = access_record(lab, "n2", offset, "inbound", dst)?;
     let source = lab.pod(CLIENT_POD).ip(Family::V4).to_string();
@@ -62,18 +79,93 @@ fn python_client_reaches_a_pod(lab: &Lab) -> Result<()> {
     Ok(())
 }
 
+/// A pod behind a ztunnel node, which warren knows nothing about: the Python client in
+/// `outside` (no workload of the lab's) with a certificate for `shop/sa/cart` and
+/// ztunnel's `baggage`. n2's Istio metrics label the connection's source from that
+/// baggage — workload, namespace, app, version, cluster — and its principal from the
+/// certificate.
+fn ztunnel_peer_is_labelled_by_its_baggage(lab: &Lab) -> Result<()> {
+    const PEER_ID: &str = "spiffe://cluster.local/ns/shop/sa/cart";
+    let dir = tempfile::tempdir()?;
+    let (cert, key) = client_certificate(dir.path(), &lab.ca_dir(), PEER_ID, 1)?;
+    let app = lab.serve("demo/server", 0, AppMode::Echo)?;
+    let dst = lab.pod("demo/server").addr(Family::V4, app.port());
+    let client = PythonClient {
+        from: "outside",
+        source: lab.outside_ip(Family::V4),
+        baggage: Some(
+            "k8s.cluster.name=ambient-east,k8s.namespace.name=shop,k8s.deployment.name=cart,\
+             service.name=cart,service.version=v3",
+        ),
+    };
+    let (code, report) = client.run(lab, &cert, &key, &lab.ca_dir(), dst)?;
+    ensure!(
+        code == 0 && report["echo_ok"] == true,
+        "the Python HBONE client in outside should get its echo back (exit {code}): {report}"
+    );
+    let labels = [
+        ("reporter", "destination"),
+        ("source_workload", "cart"),
+        ("source_workload_namespace", "shop"),
+        ("source_canonical_service", "cart"),
+        ("source_app", "cart"),
+        ("source_version", "v3"),
+        ("source_cluster", "ambient-east"),
+        ("source_principal", PEER_ID),
+        ("destination_workload", "server"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    let scrape = scrape(lab, "n2")?;
+    let opened = sample_sum(&scrape, "istio_tcp_connections_opened_total", &labels);
+    ensure!(
+        opened >= 1.0,
+        "n2 should count the connection with the peer's baggage as source labels {labels:?}; \
+         its samples: {:#?}",
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == "istio_tcp_connections_opened_total"
+                && s.labels.get("source_principal") == Some(PEER_ID))
+            .collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+/// The suite's trust bundle holds two roots (the RSA root the agents' intermediate chains
+/// to, and a P-256 "next" root, as during a rotation; see `plug_in_ca`). A peer whose
+/// certificate the next root signed directly, sending only its leaf — its root is
+/// configured on both sides, not sent — is accepted and logged with its identity.
+fn leaf_only_peer_of_the_second_root_is_accepted(lab: &Lab) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let next_root = crate::plug_in_ca::next_root()?;
+    let (cert, key) = client_certificate(dir.path(), &next_root, CLIENT_ID, 1)?;
+    let sent = std::fs::read_to_string(&cert)?;
+    ensure!(
+        sent.matches("BEGIN CERTIFICATE").count() == 1,
+        "the peer should hold only its leaf:\n{sent}"
+    );
+    let (dst, offset, code, report) = python_client_echo(lab, &cert, &key)?;
+    ensure!(
+        code == 0 && report["echo_ok"] == true,
+        "a leaf-only peer of the second root should get its echo back (exit {code}): {report}"
+    );
+    let record = access_record(lab, "n2", offset, "inbound", dst)?;
+    ensure!(
+        field(&record, "src_identity") == CLIENT_ID && record["outcome"] == "ok",
+        "n2's record of the leaf-only peer: {record}"
+    );
+    Ok(())
+}
+
 /// A certificate for a real identity, from a CA the mesh does not trust: the handshake
 /// fails on the Python side too (warren aborts it), and the app sees nothing.
 fn python_client_from_another_ca_is_refused(lab: &Lab) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let rogue_ca = rogue_ca(dir.path())?;
     let (cert, key) = client_certificate(dir.path(), &rogue_ca, CLIENT_ID, 1)?;
-    let app = lab.serve("demo/server", 0, AppMode::Echo)?;
-    let dst = lab.pod("demo/server").addr(Family::V4, app.port());
-    let offset = lab.agent_log_len("n2");
     // Trusting the mesh's roots, it still verifies the server; only its own certificate
     // is foreign.
-    let (code, report) = python_client(lab, &cert, &key, &lab.ca_dir(), dst)?;
+    let (_, offset, code, report) = python_client_echo(lab, &cert, &key)?;
     ensure!(
         code != 0 && report["echo_ok"] != true,
         "a client certificate from another CA must be refused (exit {code}): {report}"
@@ -117,6 +209,8 @@ fn enrolled_pod_reaches_a_foreign_hbone_server(lab: &Lab) -> Result<()> {
                 && seen["traceparent"]
                     .as_str()
                     .is_some_and(|t| t.starts_with("00-"))
+                && seen["baggage"].as_str().is_some_and(|b| b
+                    .contains("k8s.namespace.name=demo,k8s.pod.name=client,service.name=client,"))
                 && seen["bytes"] == 64 * 1024,
             "what the foreign HBONE server saw: {seen}"
         );
@@ -179,36 +273,74 @@ impl Drop for PythonServer {
     }
 }
 
-/// Run the Python client in `legacy/client` against `dst` through `dst`'s port 15008:
-/// its exit status and JSON report.
-fn python_client(
+/// The Python client in `legacy/client`, with `cert` and `key`, through a fresh echo
+/// server on `demo/server`: the destination, n2's log offset before, the client's exit
+/// status and report.
+fn python_client_echo(
     lab: &Lab,
     cert: &Path,
     key: &Path,
-    ca_dir: &Path,
-    dst: std::net::SocketAddr,
-) -> Result<(i32, Value)> {
-    let source = lab.pod(CLIENT_POD).ip(Family::V4).to_string();
-    let out = python_peer(lab, CLIENT_POD, "hbone_client.py", cert, key, ca_dir)?
-        .args(["--tunnel", &format!("{}:15008", dst.ip())])
-        .args(["--authority", &dst.to_string()])
-        .args(["--forwarded-for", &source])
-        .args(["--server-id", SERVER_ID])
-        .output()
-        .context("running the Python HBONE client (python3 with the h2 package; `cargo xtask setup` installs it)")?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let report = stdout
-        .lines()
-        .last()
-        .and_then(|line| serde_json::from_str(line).ok())
-        .with_context(|| {
-            format!(
-                "the Python HBONE client printed no JSON ({}): {stdout}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })?;
-    Ok((out.status.code().unwrap_or(-1), report))
+) -> Result<(std::net::SocketAddr, u64, i32, Value)> {
+    let app = lab.serve("demo/server", 0, AppMode::Echo)?;
+    let dst = lab.pod("demo/server").addr(Family::V4, app.port());
+    let offset = lab.agent_log_len("n2");
+    let client = PythonClient::in_pod(lab, CLIENT_POD);
+    let (code, report) = client.run(lab, cert, key, &lab.ca_dir(), dst)?;
+    Ok((dst, offset, code, report))
+}
+
+/// Where `interop/hbone_client.py` runs, which source it names in `forwarded` and which
+/// `baggage` it sends.
+struct PythonClient<'a> {
+    from: &'a str,
+    source: std::net::IpAddr,
+    baggage: Option<&'a str>,
+}
+
+impl<'a> PythonClient<'a> {
+    /// In `pod` (IPv4), with the script's default baggage.
+    fn in_pod(lab: &Lab, pod: &'a str) -> Self {
+        PythonClient {
+            from: pod,
+            source: lab.pod(pod).ip(Family::V4),
+            baggage: None,
+        }
+    }
+
+    /// Run it against `dst` through `dst`'s port 15008: its exit status and JSON report.
+    fn run(
+        &self,
+        lab: &Lab,
+        cert: &Path,
+        key: &Path,
+        ca_dir: &Path,
+        dst: std::net::SocketAddr,
+    ) -> Result<(i32, Value)> {
+        let mut cmd = python_peer(lab, self.from, "hbone_client.py", cert, key, ca_dir)?;
+        cmd.args(["--tunnel", &format!("{}:15008", dst.ip())])
+            .args(["--authority", &dst.to_string()])
+            .args(["--forwarded-for", &self.source.to_string()])
+            .args(["--server-id", SERVER_ID]);
+        if let Some(baggage) = self.baggage {
+            cmd.args(["--baggage", baggage]);
+        }
+        let out = cmd.output().context(
+            "running the Python HBONE client (python3 with the h2 package; `cargo xtask setup` installs it)",
+        )?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let report = stdout
+            .lines()
+            .last()
+            .and_then(|line| serde_json::from_str(line).ok())
+            .with_context(|| {
+                format!(
+                    "the Python HBONE client printed no JSON ({}): {stdout}{}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })?;
+        Ok((out.status.code().unwrap_or(-1), report))
+    }
 }
 
 /// `python3 interop/<script>` in `target`, with its certificate, key and the mesh's trust

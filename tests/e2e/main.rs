@@ -14,6 +14,7 @@ mod encryption;
 mod enrollment;
 mod interop;
 mod observability;
+mod plug_in_ca;
 mod policy;
 mod support;
 mod traffic;
@@ -103,7 +104,17 @@ fn main() -> std::process::ExitCode {
     }
 
     let _teardown = support::Teardown;
-    let labs = Arc::new(Labs::default());
+    let ca = match plug_in_ca::PlugInCa::create() {
+        Ok(ca) => ca,
+        Err(err) => {
+            eprintln!("error: cannot make the suite's plug-in CA: {err:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let labs = Arc::new(Labs {
+        cacerts: ca.cacerts(),
+        current: Mutex::default(),
+    });
     let trials = names
         .into_iter()
         .map(|(mode, name, scenario)| {
@@ -121,8 +132,9 @@ fn main() -> std::process::ExitCode {
 
 /// The lab of the mode the running scenarios need: brought up on first use, replaced
 /// (the old one torn down first) when a scenario of the other mode comes.
-#[derive(Default)]
 struct Labs {
+    /// The suite's plug-in CA (`plug_in_ca`), which every lab's agents use.
+    cacerts: std::path::PathBuf,
     current: Mutex<Option<(RedirectMode, LabOrError)>>,
 }
 
@@ -140,7 +152,9 @@ impl Labs {
         if current.take().is_some() {
             Lab::down().map_err(|err| format!("cannot tear the previous lab down: {err:#}"))?;
         }
-        let options = UpOptions::with_agents(mode).cert_lifetime(CERT_LIFETIME);
+        let options = UpOptions::with_agents(mode)
+            .cert_lifetime(CERT_LIFETIME)
+            .cacerts(&self.cacerts);
         let lab = Lab::up(&options).map(Arc::new).map_err(|err| {
             let _ = Lab::down();
             format!("cannot bring the lab up in {mode} mode: {err:#}")

@@ -315,29 +315,9 @@ pub fn client_certificate(
         &ext,
         format!("subjectAltName=URI:{identity}\nextendedKeyUsage=clientAuth,serverAuth\nkeyUsage=digitalSignature\n"),
     )?;
-    let openssl = |args: &[&str]| -> Result<()> {
-        let out = Command::new("openssl")
-            .current_dir(dir)
-            .args(args)
-            .output()
-            .context("running openssl")?;
-        ensure!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    };
+    let openssl = |args: &[&str]| openssl(dir, args);
     let s = |p: &Path| p.display().to_string();
-    openssl(&[
-        "ecparam",
-        "-name",
-        "prime256v1",
-        "-genkey",
-        "-noout",
-        "-out",
-        &s(&key),
-    ])?;
+    p256_key(dir, &key)?;
     openssl(&[
         "req",
         "-new",
@@ -364,7 +344,46 @@ pub fn client_certificate(
         "-out",
         &s(&cert),
     ])?;
+    // Sent with its chain up to the root, as a mesh peer sends it; a CA directory
+    // without cert-chain.pem (a root that signs directly) gives a leaf that travels alone.
+    if let Ok(chain) = std::fs::read(ca.join("cert-chain.pem")) {
+        let mut pem = std::fs::read(&cert)?;
+        pem.extend(chain);
+        std::fs::write(&cert, pem)?;
+    }
     Ok((cert, key))
+}
+
+/// A new ECDSA P-256 key at `out`, in SEC1 form (`openssl ecparam -genkey`).
+pub fn p256_key(dir: &Path, out: &Path) -> Result<()> {
+    let out = out.display().to_string();
+    openssl(
+        dir,
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            &out,
+        ],
+    )
+}
+
+/// `openssl <args>` in `dir`, its error output in the error.
+pub fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .context("running openssl")?;
+    ensure!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
 }
 
 /// A CA the mesh does not trust (`warren ca init` in `dir/rogue-ca`), for certificates

@@ -171,7 +171,8 @@ fn unexpected_server_identity(lab: &Lab) -> Result<()> {
 
 /// A CONNECT for an address that is not one of the pod's: n2's agent is told that
 /// `demo/server` has only its IPv4 address, so a tunnel for its IPv6 address — sent by n1,
-/// which still knows both — names no local workload and is refused with 404.
+/// which still knows both — names no local workload and is refused with 400, as ztunnel
+/// refuses it.
 fn connect_to_a_non_local_address(lab: &Lab) -> Result<()> {
     with_agent_config(
         lab,
@@ -188,13 +189,13 @@ fn connect_to_a_non_local_address(lab: &Lab) -> Result<()> {
             );
             let inbound = access_record(lab, "n2", n2, "inbound", dst)?;
             ensure!(
-                field(&inbound, "error").contains("404")
+                field(&inbound, "error").contains("400 Bad Request")
                     && field(&inbound, "error").contains("is not an address of demo/server"),
-                "n2 should refuse with 404 and say why: {inbound}"
+                "n2 should refuse with 400 and say why: {inbound}"
             );
             let outbound = access_record(lab, "n1", n1, "outbound", dst)?;
             ensure!(
-                field(&outbound, "error").contains("refused the tunnel: 404"),
+                field(&outbound, "error").contains("refused the tunnel: 400"),
                 "n1 should log the peer's refusal: {outbound}"
             );
             still_serving(lab)
@@ -262,6 +263,8 @@ fn tls_peer_refused(
             "h2",
             "-cert",
         ])
+        .arg(cert)
+        .arg("-cert_chain")
         .arg(cert)
         .arg("-key")
         .arg(key)

@@ -32,6 +32,12 @@ pub enum LabCommand {
         /// its port 15008, whatever HBONE node (ztunnel, …) runs there.
         #[arg(long)]
         foreign_hbone: bool,
+        /// Give every agent this existing CA instead of a new one: a directory in Istio's
+        /// plug-in CA layout (`cacerts`: root-cert.pem, ca-cert.pem, ca-key.pem,
+        /// cert-chain.pem; RSA or ECDSA), so the lab shares a root with an Istio mesh.
+        /// It is copied into the lab and checked with `warren ca check`.
+        #[arg(long, value_name = "DIR")]
+        cacerts: Option<std::path::PathBuf>,
     },
     /// Remove everything the lab created (also from a half-made lab).
     Down,
@@ -101,6 +107,7 @@ pub fn run(command: LabCommand) -> Result<ExitCode> {
             cert_lifetime,
             release,
             foreign_hbone,
+            cacerts,
         } => {
             if release {
                 warren_lab::cargo::use_release_builds();
@@ -112,6 +119,9 @@ pub fn run(command: LabCommand) -> Result<ExitCode> {
             };
             if let Some(lifetime) = cert_lifetime {
                 options = options.cert_lifetime(lifetime);
+            }
+            if let Some(cacerts) = cacerts {
+                options = options.cacerts(cacerts);
             }
             setup::ensure(if options.agents {
                 Scope::Everything

@@ -11,8 +11,10 @@
 //! | `ca-key.pem`     | the signing CA's private key, PKCS#8, mode 0600               |
 //! | `cert-chain.pem` | `ca-cert.pem` then its intermediates up to the root           |
 //!
-//! Signing keys may be ECDSA (P-256, P-384), Ed25519 or RSA in PKCS#8; `init` makes ECDSA
-//! P-256. The CA signs whatever identity it is asked for, provided the CSR asks for exactly
+//! Signing keys may be ECDSA (P-256, P-384), Ed25519 or RSA, in PKCS#8 or the older
+//! PKCS#1 (RSA) and SEC1 (EC) forms Istio's `cacerts` often hold; `init` makes ECDSA
+//! P-256. Loading signs a throwaway leaf and verifies it against `root-cert.pem`, so a
+//! chain that does not reach the trust bundle is refused at once (`check`). The CA signs whatever identity it is asked for, provided the CSR asks for exactly
 //! that identity: deciding *who may have* an identity (Kubernetes TokenReview, pods on the
 //! caller's node) belongs to the `warren ca` service in front of it.
 //!
@@ -29,13 +31,15 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
-use rustls_pki_types::{
-    pem::PemObject, CertificateDer, CertificateSigningRequestDer, PrivateKeyDer,
-};
+use rustls_pki_types::{pem::PemObject, CertificateDer, CertificateSigningRequestDer};
 use time::OffsetDateTime;
 use x509_parser::prelude::FromDer;
 
 use super::{spiffe::check_trust_domain, Identity};
+
+mod check;
+mod key;
+pub use check::CaSummary;
 
 /// The trust bundle: every root certificate peers may chain to.
 pub const ROOT_CERT_FILE: &str = "root-cert.pem";
@@ -115,6 +119,8 @@ pub enum CaError {
 pub struct CertificateAuthority {
     dir: PathBuf,
     issuer: Issuer<'static, KeyPair>,
+    /// `ca-cert.pem`, for describing the CA.
+    ca_cert: CertificateDer<'static>,
     /// When `ca-cert.pem` expires: no leaf outlives it.
     not_after: OffsetDateTime,
     /// Sent after the leaf: `cert-chain.pem` without the roots.
@@ -213,7 +219,8 @@ impl CertificateAuthority {
     }
 
     /// Read the CA in `dir`. Checks that the key belongs to `ca-cert.pem`, that it is a CA
-    /// certificate valid now, and that `cert-chain.pem` starts with it.
+    /// certificate valid now, that `cert-chain.pem` starts with it, and that a leaf it
+    /// signs verifies against `root-cert.pem` as peers will verify it.
     pub fn load(dir: impl AsRef<Path>) -> Result<Self, CaError> {
         let dir = dir.as_ref();
         let roots = read_certificates(&dir.join(ROOT_CERT_FILE))?;
@@ -222,7 +229,7 @@ impl CertificateAuthority {
         let chain_path = dir.join(CERT_CHAIN_FILE);
         let chain = read_certificates(&chain_path)?;
         let key_path = dir.join(CA_KEY_FILE);
-        let key = read_key(&key_path)?;
+        let key = key::read_key(&key_path)?;
 
         let bad = |path: &Path, reason: String| CaError::BadFile {
             path: path.to_owned(),
@@ -293,13 +300,16 @@ impl CertificateAuthority {
             .collect();
         let issuer = Issuer::from_ca_cert_der(ca_cert, key)
             .map_err(|e| bad(&ca_path, format!("cannot use it to sign: {e}")))?;
-        Ok(Self {
+        let ca = Self {
             dir: dir.to_owned(),
             issuer,
+            ca_cert: ca_cert.clone(),
             not_after,
             intermediates,
             roots,
-        })
+        };
+        ca.verify_issued_leaf()?;
+        Ok(ca)
     }
 
     /// The directory this CA was loaded from.
@@ -471,84 +481,6 @@ fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaErro
     Ok(certs)
 }
 
-fn read_key(path: &Path) -> Result<KeyPair, CaError> {
-    let pem = fs::read(path).map_err(|source| CaError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    if let Ok(meta) = fs::metadata(path) {
-        let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777;
-        if mode & 0o077 != 0 {
-            tracing::warn!(
-                path = %path.display(),
-                "the CA's private key is readable by other users (mode {mode:o}); chmod 600 it"
-            );
-        }
-    }
-    let bad = |reason: String| CaError::BadFile {
-        path: path.to_owned(),
-        reason,
-    };
-    let convert = "convert it with `openssl pkcs8 -topk8 -nocrypt -in ca-key.pem -out ca-key.pkcs8.pem` and put ca-key.pkcs8.pem in its place (mode 0600)";
-    match PrivateKeyDer::from_pem_slice(&pem) {
-        Ok(key @ PrivateKeyDer::Pkcs8(_)) => KeyPair::try_from(&key).map_err(|e| {
-            bad(format!(
-                "unsupported key ({e}); warren signs with ECDSA P-256/P-384, Ed25519 or RSA keys"
-            ))
-        }),
-        // Istio's plug-in CA keys are often PKCS#1 (`openssl genrsa` before OpenSSL 3):
-        // the same key, wrapped as PKCS#8, is what the signer takes.
-        Ok(PrivateKeyDer::Pkcs1(pkcs1)) => {
-            let pkcs8 = PrivateKeyDer::Pkcs8(rsa_pkcs1_to_pkcs8(pkcs1.secret_pkcs1_der()).into());
-            KeyPair::try_from(&pkcs8).map_err(|e| {
-                bad(format!(
-                    "holds an RSA key in PKCS#1 form (BEGIN RSA PRIVATE KEY) that cannot be used ({e}); {convert}"
-                ))
-            })
-        }
-        Ok(PrivateKeyDer::Sec1(_)) => Err(bad(format!(
-            "holds an EC key in SEC1 form (BEGIN EC PRIVATE KEY); warren reads PKCS#8: {convert}"
-        ))),
-        Ok(_) => Err(bad(
-            "holds a key of an unknown form; warren reads PKCS#8".to_owned()
-        )),
-        Err(e) => Err(bad(format!("no PEM private key found: {e}"))),
-    }
-}
-
-/// PKCS#8 `PrivateKeyInfo` around a PKCS#1 RSA key (RFC 5208): version 0, algorithm
-/// rsaEncryption with NULL parameters, the PKCS#1 DER as the private key.
-fn rsa_pkcs1_to_pkcs8(pkcs1: &[u8]) -> Vec<u8> {
-    /// DER tag-length-value.
-    fn tlv(tag: u8, value: &[u8]) -> Vec<u8> {
-        let mut out = vec![tag];
-        let len = value.len();
-        if len < 0x80 {
-            out.push(len as u8);
-        } else {
-            let bytes: Vec<u8> = len
-                .to_be_bytes()
-                .into_iter()
-                .skip_while(|b| *b == 0)
-                .collect();
-            out.push(0x80 | bytes.len() as u8);
-            out.extend(bytes);
-        }
-        out.extend_from_slice(value);
-        out
-    }
-    const VERSION_0: [u8; 3] = [0x02, 0x01, 0x00];
-    // SEQUENCE { OID 1.2.840.113549.1.1.1 (rsaEncryption), NULL }
-    const RSA_ENCRYPTION: [u8; 15] = [
-        0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00,
-    ];
-    let mut body = Vec::with_capacity(pkcs1.len() + 32);
-    body.extend_from_slice(&VERSION_0);
-    body.extend_from_slice(&RSA_ENCRYPTION);
-    body.extend(tlv(0x04, pkcs1));
-    tlv(0x30, &body)
-}
-
 /// A CA as an operator would plug in from Istio: an ECDSA P-384 root kept elsewhere, and
 /// an RSA intermediate (a fixed test key: ring cannot generate RSA keys) that signs.
 /// Returns the directory, the loaded CA and the intermediate's certificate.
@@ -594,11 +526,11 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
-    fn identity(sa: &str) -> Identity {
+    pub(super) fn identity(sa: &str) -> Identity {
         Identity::new("cluster.local", "demo", sa).unwrap()
     }
 
-    fn csr_for(sans: Vec<SanType>) -> Vec<u8> {
+    pub(super) fn csr_for(sans: Vec<SanType>) -> Vec<u8> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
@@ -606,7 +538,7 @@ mod tests {
         params.serialize_request(&key).unwrap().der().to_vec()
     }
 
-    fn uri(id: &Identity) -> SanType {
+    pub(super) fn uri(id: &Identity) -> SanType {
         SanType::URI(id.to_string().try_into().unwrap())
     }
 
@@ -697,60 +629,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("cert-chain.pem"), "{err}");
-    }
-
-    /// The PKCS#1 form of the test RSA key, wrapped, is byte for byte the PKCS#8 form
-    /// openssl writes; a plug-in CA whose ca-key.pem is PKCS#1 loads and signs.
-    #[test]
-    fn pkcs1_rsa_keys_are_taken_as_they_are() {
-        let pkcs1 =
-            PrivateKeyDer::from_pem_slice(include_bytes!("testdata/rsa-2048-test-only.pkcs1.pem"))
-                .unwrap();
-        let pkcs8 =
-            PrivateKeyDer::from_pem_slice(include_bytes!("testdata/rsa-2048-test-only.pem"))
-                .unwrap();
-        let (PrivateKeyDer::Pkcs1(pkcs1), PrivateKeyDer::Pkcs8(pkcs8)) = (pkcs1, pkcs8) else {
-            panic!("test keys in the wrong forms");
-        };
-        assert_eq!(
-            rsa_pkcs1_to_pkcs8(pkcs1.secret_pkcs1_der()),
-            pkcs8.secret_pkcs8_der()
-        );
-
-        let (dir, _, intermediate) = plugged_in_ca();
-        fs::write(
-            dir.path().join(CA_KEY_FILE),
-            include_str!("testdata/rsa-2048-test-only.pkcs1.pem"),
-        )
-        .unwrap();
-        let ca = CertificateAuthority::load(dir.path()).unwrap();
-        let id = identity("server");
-        let chain = ca
-            .sign_csr(&csr_for(vec![uri(&id)]), &id, Duration::from_secs(60))
-            .unwrap();
-        assert_eq!(
-            chain[1], intermediate,
-            "the leaf comes with its RSA intermediate"
-        );
-    }
-
-    #[test]
-    fn load_rejects_non_pkcs8_key_with_a_fix() {
-        let (dir, _) = new_ca();
-        let pem = fs::read_to_string(dir.path().join(CA_KEY_FILE)).unwrap();
-        // Relabelling is enough to exercise the form check.
-        fs::write(
-            dir.path().join(CA_KEY_FILE),
-            pem.replace("PRIVATE KEY", "EC PRIVATE KEY"),
-        )
-        .unwrap();
-        let err = CertificateAuthority::load(dir.path())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("SEC1") && err.contains("openssl pkcs8"),
-            "{err}"
-        );
     }
 
     #[test]

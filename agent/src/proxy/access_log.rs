@@ -14,6 +14,7 @@ use std::{
 
 use serde::Serialize;
 
+use super::hbone::Baggage;
 use crate::{metrics::Metrics, workload::Workload};
 
 /// Which way a connection crossed this agent.
@@ -68,6 +69,10 @@ pub struct ConnectionRecord {
     pub dst_addr: SocketAddr,
     pub src_workload: Option<Arc<Workload>>,
     pub dst_workload: Option<Arc<Workload>>,
+    /// What a tunnelling peer said about the source in `baggage`: the metric labels of
+    /// a source this agent does not know (never the access log's `src_workload`, which
+    /// names only workloads this agent knows).
+    pub src_baggage: Option<Baggage>,
     pub src_identity: Option<String>,
     pub dst_identity: Option<String>,
     pub bytes_sent: u64,
@@ -112,6 +117,7 @@ impl ConnectionRecord {
             dst_addr,
             src_workload: None,
             dst_workload: None,
+            src_baggage: None,
             src_identity: None,
             dst_identity: None,
             bytes_sent: 0,

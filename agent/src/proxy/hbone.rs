@@ -9,6 +9,7 @@
 //! | concern | file |
 //! |---------|------|
 //! | what goes on the wire: the CONNECT request, `Forwarded`, the refusal reason | [`headers`] |
+//! | workload metadata in `baggage`, both ways | [`baggage`] |
 //! | one tunnel as `AsyncRead + AsyncWrite` (half-close, flow control) | [`stream`] |
 //! | client side: a pool of HTTP/2 connections per (source, destination, IP) | [`pool`] |
 //! | server side: accept CONNECT requests and hand them to a handler | [`server`] |
@@ -21,12 +22,17 @@
 //! :authority  10.77.2.10:9000              original destination (ip:port, IPv6 in brackets)
 //! forwarded   for=10.77.1.10               original source (RFC 7239; IPv6: for="[fd00::1]")
 //! x-warren-connection-id  <id>             shared by both agents' access-log lines
+//! traceparent 00-<id>-<span>-01            the same id as a W3C trace id (ztunnel reads it)
+//! baggage     k8s.namespace.name=demo,…    the source workload's metadata
 //! ```
 //!
-//! The answer is `200` (the stream is now the tunnel) or an error status that ends the
-//! stream, with a human-readable reason in `x-warren-reason`. The connection id has its
-//! own header rather than riding in `baggage`: Istio peers parse `baggage` for workload
-//! metadata (`k8s.*` keys), and an opaque id does not belong there.
+//! The answer is `200` (the stream is now the tunnel; it carries the destination's
+//! `baggage`) or an error status that ends the stream, with a human-readable reason in
+//! `x-warren-reason` — the statuses ztunnel uses: 400 not a CONNECT we can serve (bad
+//! authority, an address that is not the pod's), 401 denied by policy, 503 nothing to
+//! connect to (the app refused, an agent port). The connection id has its own header
+//! rather than riding in `baggage`: Istio peers parse `baggage` for workload metadata
+//! (`k8s.*` keys, see [`baggage`]), and an opaque id does not belong there.
 //!
 //! # Flow control
 //!
@@ -34,6 +40,7 @@
 //! tunnel can fill a fast link; receive capacity is handed back to the peer only as the
 //! reader consumes bytes, and writers only hand h2 as many bytes as it has send capacity
 //! for, so neither direction buffers without bound.
+pub mod baggage;
 pub mod headers;
 mod keepalive;
 pub mod pool;
@@ -47,6 +54,7 @@ use std::{
     time::Duration,
 };
 
+pub use baggage::Baggage;
 pub use headers::{CONNECTION_ID_HEADER, REASON_HEADER};
 pub use pool::{Pool, PoolConfig, PoolKey};
 pub use server::{serve, serve_until, InboundRequest};
@@ -63,6 +71,8 @@ pub struct ConnectRequest {
     pub connection_id: String,
     /// The original source address (`forwarded: for=<ip>`).
     pub forwarded_for: IpAddr,
+    /// The source workload's metadata (`baggage`), for a ztunnel peer's metrics.
+    pub baggage: Baggage,
 }
 
 /// The TCP socket under a tunnel's TLS, with buffers both ways (see

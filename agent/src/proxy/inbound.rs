@@ -81,19 +81,23 @@ async fn stream(
     let src_ip = request.forwarded_for().unwrap_or(peer.ip()).to_canonical();
     record.src_addr = Some(src_ip.to_string());
     record.src_workload = ctx.workloads.current().by_ip(src_ip).cloned();
+    if !request.baggage().is_empty() {
+        record.src_baggage = Some(request.baggage().clone());
+    }
     record.src_identity = Some(peer_identity.to_string());
     record.dst_workload = Some(pod.workload.clone());
     record.dst_identity = Some(pod.identity.to_string());
     record.opened(&ctx.metrics);
 
+    // The statuses ztunnel answers with, so that a ztunnel client reads them alike.
     let refusal = if !pod.workload.ips.contains(&dst.ip()) {
         Some((
-            StatusCode::NOT_FOUND,
+            StatusCode::BAD_REQUEST,
             format!("{dst} is not an address of {} on this node", pod.workload),
         ))
     } else if is_agent_port(dst.port()) {
         Some((
-            StatusCode::FORBIDDEN,
+            StatusCode::SERVICE_UNAVAILABLE,
             format!("{dst} is one of the agent's own ports"),
         ))
     } else {
@@ -115,7 +119,7 @@ async fn stream(
         ctx.policy.current().authorize(&pod.workload, &connection)
     {
         refused_by_policy(&ctx, &mut record, &policy, &reason);
-        request.refuse(StatusCode::FORBIDDEN, &format!("denied by {policy:?}"));
+        request.refuse(StatusCode::UNAUTHORIZED, &format!("denied by {policy:?}"));
         record.emit(&ctx.metrics);
         return;
     }
@@ -128,7 +132,7 @@ async fn stream(
             return;
         }
     };
-    match request.accept() {
+    match request.accept(&pod.baggage) {
         Ok(mut tunnel) => relay(&mut tunnel, &mut upstream, &mut record).await,
         Err(err) => record.outcome = Err(err.to_string()),
     }

@@ -112,6 +112,7 @@ async fn tunnel(
         authority: dst,
         connection_id: record.connection_id.clone(),
         forwarded_for: src_ip,
+        baggage: pod.baggage.clone(),
     };
     // One pool entry per (source pod address and identity, destination identity and
     // address): a pooled connection always leaves from the pod that dialled it.

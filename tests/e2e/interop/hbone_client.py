@@ -6,8 +6,8 @@ expected SPIFFE ID, then one HTTP/2 CONNECT per connection (`:authority` = the o
 destination, no `:scheme`/`:path`) with `forwarded`, `baggage` and `traceparent`.
 
 It sends --bytes random bytes, ends its side, reads the echo to the end of the stream,
-and prints one JSON line: {"status", "sent", "received", "echo_ok", "trace_id",
-"server_id"}. Exit status 0 when the tunnel was accepted and the echo was exact, 1
+and prints one JSON line: {"status", "baggage" (the answer's), "sent", "received",
+"echo_ok", "trace_id", "server_id"}. Exit status 0 when the tunnel was accepted and the echo was exact, 1
 otherwise (the JSON says what happened), 2 for a TLS failure.
 """
 import argparse
@@ -57,6 +57,11 @@ def main():
     parser.add_argument("--key", required=True)
     parser.add_argument("--ca", required=True, help="trust bundle (PEM)")
     parser.add_argument("--bytes", type=int, default=256 * 1024)
+    parser.add_argument(
+        "--baggage",
+        default="k8s.namespace.name=legacy,service.name=python-hbone-client",
+        help="the source workload's metadata, as ztunnel sends it",
+    )
     args = parser.parse_args()
 
     try:
@@ -84,7 +89,7 @@ def main():
             (":method", "CONNECT"),
             (":authority", args.authority),
             ("forwarded", f"for={forwarded}"),
-            ("baggage", "k8s.namespace.name=legacy,service.name=python-hbone-client"),
+            ("baggage", args.baggage),
             ("traceparent", f"00-{trace_id}-{secrets.token_hex(8)}-01"),
         ],
     )
@@ -118,7 +123,9 @@ def main():
             break
         for event in conn.receive_data(data):
             if isinstance(event, h2.events.ResponseReceived):
-                status = int(dict(event.headers)[":status"])
+                answer = dict(event.headers)
+                status = int(answer[":status"])
+                result["baggage"] = answer.get("baggage")
                 if status != 200:
                     ended = True
                     break

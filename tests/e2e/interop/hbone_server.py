@@ -2,10 +2,12 @@
 """An HBONE server written independently of warren — Python's ssl module and the h2
 package (PyPI) — as a ztunnel node serves its port 15008: mutual TLS 1.3 with ALPN h2,
 a client certificate required and its SPIFFE ID (URI SAN) read, one HTTP/2 CONNECT per
-stream answered 200 and its bytes echoed until the client ends its side.
+stream answered 200 (with the server workload's `baggage`, as ztunnel answers) and its
+bytes echoed until the client ends its side.
 
 It prints "listening" once bound, serves one connection, and prints one JSON line per
-stream: {"authority", "forwarded", "traceparent", "client_id", "status", "bytes"}. A
+stream: {"authority", "forwarded", "traceparent", "baggage", "client_id", "status",
+"bytes"}. A
 request that is not a plain CONNECT (a `:scheme` or `:path`, no `:authority`) is answered
 400, as ztunnel answers it.
 """
@@ -26,6 +28,11 @@ def main():
     parser.add_argument("--cert", required=True)
     parser.add_argument("--key", required=True)
     parser.add_argument("--ca", required=True, help="trust bundle (PEM)")
+    parser.add_argument(
+        "--baggage",
+        default="k8s.cluster.name=ambient,k8s.namespace.name=outside,k8s.deployment.name=python-hbone-server,service.name=python-hbone-server,service.version=v1",
+        help="the baggage answered with a 200",
+    )
     args = parser.parse_args()
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -74,11 +81,15 @@ def main():
                     "authority": headers.get(":authority"),
                     "forwarded": headers.get("forwarded"),
                     "traceparent": headers.get("traceparent"),
+                    "baggage": headers.get("baggage"),
                     "client_id": client_id,
                     "status": status,
                     "bytes": 0,
                 }
-                conn.send_headers(event.stream_id, [(":status", str(status))], end_stream=status != 200)
+                answer = [(":status", str(status))]
+                if status == 200:
+                    answer.append(("baggage", args.baggage))
+                conn.send_headers(event.stream_id, answer, end_stream=status != 200)
                 if status == 200:
                     open_streams.add(event.stream_id)
                 else:

@@ -4,7 +4,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Version};
 
-use super::{ConnectRequest, HboneError};
+use super::{
+    baggage::{Baggage, BAGGAGE_HEADER},
+    ConnectRequest, HboneError,
+};
 
 /// The connection id both agents write in their access-log lines.
 pub const CONNECTION_ID_HEADER: &str = "x-warren-connection-id";
@@ -32,6 +35,10 @@ pub(super) fn connect_request(request: &ConnectRequest) -> Result<Request<()>, H
         .header(CONNECTION_ID_HEADER, request.connection_id.as_str());
     let builder = match traceparent_value(&request.connection_id) {
         Some(traceparent) => builder.header(TRACEPARENT_HEADER, traceparent),
+        None => builder,
+    };
+    let builder = match request.baggage.header_value() {
+        Some(baggage) => builder.header(BAGGAGE_HEADER, baggage),
         None => builder,
     };
     builder.body(()).map_err(|_| invalid_id())
@@ -145,6 +152,7 @@ pub(super) struct ParsedConnect {
     pub authority: SocketAddr,
     pub connection_id: Option<String>,
     pub forwarded_for: Option<IpAddr>,
+    pub baggage: Baggage,
 }
 
 /// Checks a request the way ztunnel does: it must be a plain CONNECT (no `:scheme`, no
@@ -177,6 +185,7 @@ pub(super) fn parse_connect(request: &Request<()>) -> Result<ParsedConnect, Stri
             .get(header::FORWARDED)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_forwarded_for),
+        baggage: Baggage::parse(headers.get_all(BAGGAGE_HEADER)),
     })
 }
 
@@ -239,6 +248,11 @@ mod tests {
             authority: authority.parse().unwrap(),
             connection_id: "c-1".into(),
             forwarded_for: "10.0.0.1".parse().unwrap(),
+            baggage: Baggage {
+                namespace: Some("demo".into()),
+                service: Some("client".into()),
+                ..Baggage::default()
+            },
         }
     }
 
@@ -298,6 +312,7 @@ mod tests {
             assert_eq!(parsed.authority, authority.parse().unwrap());
             assert_eq!(parsed.connection_id.as_deref(), Some("c-1"));
             assert_eq!(parsed.forwarded_for, Some("10.0.0.1".parse().unwrap()));
+            assert_eq!(parsed.baggage, request(authority).baggage);
         }
     }
 

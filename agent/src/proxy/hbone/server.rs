@@ -13,6 +13,7 @@ use http::{Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{
+    baggage::{Baggage, BAGGAGE_HEADER},
     headers::{self, ParsedConnect, REASON_HEADER},
     keepalive, tuning, HboneError, HboneStream,
 };
@@ -44,8 +45,14 @@ impl InboundRequest {
         self.parsed.forwarded_for
     }
 
-    /// Answers 200 and returns the tunnel.
-    pub fn accept(mut self) -> Result<HboneStream, HboneError> {
+    /// What the client said about the source workload (`baggage`; empty if nothing).
+    pub fn baggage(&self) -> &Baggage {
+        &self.parsed.baggage
+    }
+
+    /// Answers 200, with the destination's metadata in `baggage` as ztunnel answers, and
+    /// returns the tunnel.
+    pub fn accept(mut self, baggage: &Baggage) -> Result<HboneStream, HboneError> {
         let (Some(mut respond), Some(recv)) = (self.respond.take(), self.recv.take()) else {
             // Both are only taken here or in refuse/drop, which consume self.
             return Err(HboneError::Respond(h2::Error::from(
@@ -53,14 +60,18 @@ impl InboundRequest {
             )));
         };
         // `Response::new` is a 200 with no headers.
+        let mut response = Response::new(());
+        if let Some(value) = baggage.header_value() {
+            response.headers_mut().insert(BAGGAGE_HEADER, value);
+        }
         let send = respond
-            .send_response(Response::new(()), false)
+            .send_response(response, false)
             .map_err(HboneError::Respond)?;
         Ok(HboneStream::new(send, recv, None))
     }
 
-    /// Answers `status` (403 denied by policy, 404 not a local workload, 503 the app
-    /// refused, …) with `reason` in `x-warren-reason`; the stream ends. A 2xx status would
+    /// Answers `status` (ztunnel's: 400 not an address of this pod, 401 denied by
+    /// policy, 503 the app refused, …) with `reason` in `x-warren-reason`; the stream ends. A 2xx status would
     /// read as success to the client, so it is sent as 500.
     pub fn refuse(mut self, status: StatusCode, reason: &str) {
         if let Some(respond) = self.respond.take() {

@@ -21,7 +21,7 @@ use tokio::{
 };
 
 use super::{
-    serve, server::serve_with_handshake_timeout, ConnectRequest, HboneError, HboneStream,
+    serve, server::serve_with_handshake_timeout, Baggage, ConnectRequest, HboneError, HboneStream,
     InboundRequest, Pool, PoolConfig, PoolKey, REASON_HEADER,
 };
 
@@ -41,6 +41,7 @@ fn request(authority: &str, from: &str, id: &str) -> ConnectRequest {
         authority: authority.parse().unwrap(),
         connection_id: id.into(),
         forwarded_for: from.parse().unwrap(),
+        baggage: Baggage::default(),
     }
 }
 
@@ -104,7 +105,7 @@ type DialFuture = std::future::Ready<io::Result<DuplexStream>>;
 
 /// Accepts and echoes until the client ends its side, then ends ours.
 async fn echo(request: InboundRequest) {
-    let stream = request.accept().expect("accept");
+    let stream = request.accept(&Baggage::default()).expect("accept");
     let (mut reader, mut writer) = tokio::io::split(stream);
     tokio::io::copy(&mut reader, &mut writer)
         .await
@@ -156,7 +157,7 @@ async fn connect_round_trip_carries_fields_and_8_mib_each_way() {
                     let authority = request.authority();
                     let connection_id = request.connection_id().map(str::to_owned);
                     let forwarded_for = request.forwarded_for();
-                    let stream = request.accept().expect("accept");
+                    let stream = request.accept(&Baggage::default()).expect("accept");
                     let received = exchange(stream, &pattern(2, SIZE)).await;
                     let _ = seen_tx.send(Seen {
                         authority,
@@ -207,7 +208,7 @@ async fn connect_round_trip_carries_fields_and_8_mib_each_way() {
 #[tokio::test]
 async fn client_half_close_keeps_the_reply_flowing() {
     let peer = Peer::new(|request: InboundRequest| async move {
-        let mut stream = request.accept().unwrap();
+        let mut stream = request.accept(&Baggage::default()).unwrap();
         let mut got = Vec::new();
         stream.read_to_end(&mut got).await.unwrap();
         // The reply only starts after the client's END_STREAM arrived.
@@ -249,7 +250,7 @@ async fn server_half_close_keeps_the_request_flowing() {
     let peer = Peer::new(move |request: InboundRequest| {
         let count_tx = count_tx.clone();
         async move {
-            let mut stream = request.accept().unwrap();
+            let mut stream = request.accept(&Baggage::default()).unwrap();
             stream.write_all(b"banner").await.unwrap();
             stream.shutdown().await.unwrap();
             let mut got = Vec::new();
@@ -284,7 +285,7 @@ async fn server_half_close_keeps_the_request_flowing() {
 #[tokio::test]
 async fn server_speaks_first() {
     let peer = Peer::new(|request: InboundRequest| async move {
-        let mut stream = request.accept().unwrap();
+        let mut stream = request.accept(&Baggage::default()).unwrap();
         stream.write_all(b"220 ready\r\n").await.unwrap();
         let mut command = [0u8; 6];
         stream.read_exact(&mut command).await.unwrap();
@@ -548,7 +549,7 @@ async fn dial_failures_and_bad_requests_are_explained() {
 async fn invalid_requests_get_400() {
     let (client, server) = tokio::io::duplex(PIPE);
     let served = tokio::spawn(serve(server, |request: InboundRequest| async move {
-        drop(request.accept());
+        drop(request.accept(&Baggage::default()));
     }));
     let (sender, connection) = h2::client::handshake(client).await.unwrap();
     tokio::spawn(connection);
@@ -710,7 +711,7 @@ async fn relay_carries_tcp_through_a_tunnel_both_ways() {
     // The destination agent: each accepted stream relayed to the application.
     let peer = Peer::new(move |request: InboundRequest| async move {
         let mut upstream = TcpStream::connect(app_addr).await.unwrap();
-        let mut tunnel = request.accept().expect("accept");
+        let mut tunnel = request.accept(&Baggage::default()).expect("accept");
         copy_both_ways(&mut tunnel, &mut upstream)
             .await
             .expect("destination relay");

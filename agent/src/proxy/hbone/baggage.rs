@@ -1,0 +1,217 @@
+//! W3C `baggage` as Istio's ztunnel fills it on HBONE: the sending workload's metadata
+//! (`k8s.cluster.name`, `k8s.namespace.name`, `k8s.<kind>.name`, `service.name`,
+//! `service.version`), on the CONNECT request for the source and on the 200 answer for
+//! the destination.
+//!
+//! A peer's baggage is what it *says* about itself, not what its certificate proves: it
+//! only fills metric labels of a peer this agent knows nothing else about (a pod behind
+//! a ztunnel node), never a policy decision — as in ztunnel.
+use http::{header::GetAll, HeaderValue};
+
+use crate::workload::{Workload, CLUSTER_ID};
+
+pub const BAGGAGE_HEADER: &str = "baggage";
+
+/// Longest value taken from a peer; Kubernetes names and label values are shorter.
+const MAX_VALUE_LEN: usize = 253;
+
+/// The workload metadata one `baggage` header carries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Baggage {
+    pub cluster: Option<String>,
+    pub namespace: Option<String>,
+    /// The workload's name (`k8s.deployment.name`, `k8s.pod.name`, …).
+    pub workload: Option<String>,
+    /// Istio's canonical service (`service.name`).
+    pub service: Option<String>,
+    /// Istio's canonical revision (`service.version`).
+    pub revision: Option<String>,
+}
+
+impl Baggage {
+    /// What this agent says about one of its pods. Local mode knows pods, not their
+    /// owners, so the workload kind is `pod`.
+    pub fn of(workload: &Workload) -> Self {
+        Baggage {
+            cluster: Some(CLUSTER_ID.to_owned()),
+            namespace: Some(workload.namespace.clone()),
+            workload: Some(workload.name.clone()),
+            service: Some(workload.canonical_service()),
+            revision: Some(workload.canonical_revision()),
+        }
+    }
+
+    /// Nothing known.
+    pub fn is_empty(&self) -> bool {
+        *self == Baggage::default()
+    }
+
+    /// The header value: `key=value` members joined by commas. A value that is not a
+    /// plain token (possible only in a hand-written local config) is left out rather
+    /// than sent in a form ztunnel would misread.
+    pub fn header_value(&self) -> Option<HeaderValue> {
+        let members: Vec<String> = [
+            ("k8s.cluster.name", &self.cluster),
+            ("k8s.namespace.name", &self.namespace),
+            ("k8s.pod.name", &self.workload),
+            ("service.name", &self.service),
+            ("service.version", &self.revision),
+        ]
+        .into_iter()
+        .filter_map(|(key, value)| {
+            let value = value.as_deref().filter(|v| is_token(v))?;
+            Some(format!("{key}={value}"))
+        })
+        .collect();
+        if members.is_empty() {
+            return None;
+        }
+        HeaderValue::from_str(&members.join(",")).ok()
+    }
+
+    /// The metadata in every `baggage` header of a request or answer. Members are
+    /// `key=value[;properties]`; unknown keys, empty or unusable values and headers that
+    /// are not visible ASCII are ignored, as ztunnel ignores them.
+    pub fn parse(headers: GetAll<'_, HeaderValue>) -> Self {
+        let mut baggage = Baggage::default();
+        for value in headers {
+            let Ok(value) = value.to_str() else {
+                tracing::debug!(
+                    ?value,
+                    "ignoring a baggage header that is not visible ASCII"
+                );
+                continue;
+            };
+            for member in value.split(',') {
+                let Some((key, value)) = member.split_once('=') else {
+                    continue;
+                };
+                let value = value.split(';').next().unwrap_or_default().trim();
+                let value = (!value.is_empty() && value.len() <= MAX_VALUE_LEN && is_token(value))
+                    .then(|| value.to_owned());
+                let slot = match key.trim() {
+                    "k8s.cluster.name" => &mut baggage.cluster,
+                    "k8s.namespace.name" => &mut baggage.namespace,
+                    "k8s.deployment.name"
+                    | "k8s.statefulset.name"
+                    | "k8s.daemonset.name"
+                    | "k8s.replicaset.name"
+                    | "k8s.cronjob.name"
+                    | "k8s.job.name"
+                    | "k8s.pod.name" => &mut baggage.workload,
+                    "service.name" => &mut baggage.service,
+                    "service.version" => &mut baggage.revision,
+                    _ => continue,
+                };
+                if value.is_some() {
+                    *slot = value;
+                }
+            }
+        }
+        baggage
+    }
+}
+
+/// Characters of Kubernetes names and label values (and a few more that baggage allows
+/// unencoded): nothing that needs percent-encoding or could split a member.
+fn is_token(value: &str) -> bool {
+    !value.is_empty()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/' | b':'))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use http::HeaderMap;
+
+    use super::*;
+
+    fn parse(values: &[&str]) -> Baggage {
+        let mut headers = HeaderMap::new();
+        for value in values {
+            headers.append(BAGGAGE_HEADER, HeaderValue::from_str(value).unwrap());
+        }
+        Baggage::parse(headers.get_all(BAGGAGE_HEADER))
+    }
+
+    #[test]
+    fn reads_what_ztunnel_sends() {
+        let got = parse(&[
+            "k8s.cluster.name=K1,k8s.namespace.name=NS1,k8s.deployment.name=N1,service.name=N2,service.version=V1",
+        ]);
+        assert_eq!(
+            got,
+            Baggage {
+                cluster: Some("K1".into()),
+                namespace: Some("NS1".into()),
+                workload: Some("N1".into()),
+                service: Some("N2".into()),
+                revision: Some("V1".into()),
+            }
+        );
+        // One member per header line, as some peers send it.
+        assert_eq!(
+            parse(&[
+                "k8s.cluster.name=K1",
+                "k8s.namespace.name=NS1",
+                "k8s.deployment.name=N1",
+                "service.name=N2",
+                "service.version=V1"
+            ]),
+            got
+        );
+    }
+
+    #[test]
+    fn ignores_what_it_cannot_use() {
+        assert!(parse(&[]).is_empty());
+        assert!(parse(&["k8s.cluster.name=,service.name=,k8s.namespace.name="]).is_empty());
+        assert!(parse(&["nonsense", "=x", "other.key=1", ",,,"]).is_empty());
+        assert!(parse(&["service.name=a b", "k8s.namespace.name=x\"y"]).is_empty());
+        assert!(parse(&[&format!("service.name={}", "x".repeat(300))]).is_empty());
+        // W3C properties after `;` are not part of the value; spaces around are trimmed.
+        let got = parse(&[" service.name = web ;prop=1 , service.version=v2;x"]);
+        assert_eq!(got.service.as_deref(), Some("web"));
+        assert_eq!(got.revision.as_deref(), Some("v2"));
+    }
+
+    #[test]
+    fn round_trips_a_workload() {
+        let workload = Workload {
+            namespace: "demo".into(),
+            name: "server-1".into(),
+            service_account: "server".into(),
+            labels: BTreeMap::from([
+                ("app".to_owned(), "server".to_owned()),
+                ("version".to_owned(), "v2".to_owned()),
+            ]),
+            node: "n2".into(),
+            ips: vec![],
+            netns: "/run/netns/x".into(),
+            cgroup: None,
+            in_mesh: true,
+            foreign_hbone: false,
+        };
+        let baggage = Baggage::of(&workload);
+        let value = baggage.header_value().unwrap();
+        assert_eq!(
+            value,
+            "k8s.cluster.name=Kubernetes,k8s.namespace.name=demo,k8s.pod.name=server-1,service.name=server,service.version=v2"
+        );
+        assert_eq!(parse(&[value.to_str().unwrap()]), baggage);
+        // A value that would need encoding is left out, not mangled.
+        let odd = Baggage {
+            service: Some("my app".into()),
+            ..baggage.clone()
+        };
+        let value = odd.header_value().unwrap();
+        assert!(
+            !value.to_str().unwrap().contains("service.name"),
+            "{value:?}"
+        );
+        assert_eq!(Baggage::default().header_value(), None);
+    }
+}

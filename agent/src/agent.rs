@@ -16,9 +16,16 @@ use tokio::io::unix::AsyncFd;
 
 use crate::{
     admin::{self, AdminError, AdminState, LogControl, Readiness},
-    config::Config,
-    control::local::{LocalConfig, LocalConfigError},
-    enrollment::{self, prepare, Enrollment, PreparedPod, Redirection},
+    cni::{
+        procfs,
+        server::{self as cni_server, CniEvent, CniServerError, Sandboxes},
+    },
+    config::{Config, Control},
+    control::{
+        kubernetes::KubernetesControl,
+        local::{LocalConfig, LocalConfigError},
+    },
+    enrollment::{self, cluster::ClusterSource, prepare, Enrollment, PreparedPod, Redirection},
     identity::{CaError, CertificateAuthority, IdentityError, SecretManager},
     metrics::{self, Metrics},
     netns::{Netns, NetnsError},
@@ -32,8 +39,9 @@ use crate::{
     },
     socket::SocketError,
     tls,
-    workload::{SharedWorkloads, WorkloadIndex},
+    workload::{SharedWorkloads, Workload},
 };
+use tokio::sync::mpsc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -41,6 +49,10 @@ pub enum AgentError {
     NotRoot,
     #[error(transparent)]
     Config(#[from] LocalConfigError),
+    #[error(transparent)]
+    Cni(#[from] CniServerError),
+    #[error("cannot make a Kubernetes client: {0}; in a pod the agent uses its service account (is the DaemonSet's serviceAccountName set?), outside one KUBECONFIG or ~/.kube/config")]
+    Kubernetes(kube::Error),
     #[error(
         "workload {workload}: {source}; check its `netns` in the config file (is the pod running?)"
     )]
@@ -94,25 +106,23 @@ pub async fn run(config: Config, logs: Option<LogControl>) -> Result<(), AgentEr
     }
     Netns::init_home().map_err(AgentError::Home)?;
     raise_open_file_limit();
-    // The text read here is what the config watch compares against, so a change made
-    // while the agent starts is not missed.
-    let config_text =
-        std::fs::read_to_string(&config.config_file).map_err(|source| LocalConfigError::Read {
-            path: config.config_file.clone(),
-            source,
-        })?;
-    let local = LocalConfig::parse(&config_text, &config.config_file)?;
-    let workloads = local.enrolled_on(&config.node);
-
     let policy_config = PolicyConfig {
         root_namespace: config.root_namespace.clone(),
     };
-    let policy = match &config.policy {
-        Some(path) => PolicySet::load(policy_config.clone(), path)?,
-        None => PolicySet::new(policy_config.clone(), []),
+    let Start {
+        local,
+        workloads,
+        policy,
+        followed,
+    } = match &config.control {
+        Control::Local { config_file } => start_local(config_file, &config, &policy_config)?,
+        Control::Kubernetes {
+            cni_socket,
+            proc_root,
+        } => start_cluster(&config.node, cni_socket, proc_root, policy_config.clone()).await?,
     };
     policy.log_warnings();
-    let policy = SharedPolicy::new(policy);
+    let shared_policy = SharedPolicy::new(policy);
     let metrics_listener = metrics::bind(config.metrics_addr).await?;
     let admin_listener = admin::bind_admin(config.admin_addr).await?;
     // Readiness answers from now on: 503 until every pod is captured.
@@ -131,7 +141,15 @@ pub async fn run(config: Config, logs: Option<LogControl>) -> Result<(), AgentEr
     // identity must get a certificate.
     let mut prepared = Vec::with_capacity(workloads.len());
     for workload in &workloads {
-        prepared.push(prepare(workload, &config.trust_domain, &secrets).await?);
+        match prepare(workload, &config.trust_domain, &secrets).await {
+            Ok(pod) => prepared.push(pod),
+            // A cluster's pod can go away while the agent starts; the follow loop tries
+            // again. A config file naming a pod that is not there is a mistake to fix.
+            Err(err) if matches!(followed, Followed::Cluster(_)) => {
+                tracing::warn!(pod = %workload, "cannot enroll the pod yet; trying again once serving: {err}")
+            }
+            Err(err) => return Err(err),
+        }
     }
 
     // Then the kernel.
@@ -186,16 +204,16 @@ pub async fn run(config: Config, logs: Option<LogControl>) -> Result<(), AgentEr
         tokio::spawn(policy::watch::watch(
             path.clone(),
             policy_config,
-            policy.clone(),
+            shared_policy.clone(),
         ));
     }
     let ctx = Arc::new(ProxyContext {
-        workloads: SharedWorkloads::new(WorkloadIndex::new(local.workloads.iter().cloned())),
+        workloads: SharedWorkloads::new(local.index()),
         original_dst,
         trust_domain: config.trust_domain.clone(),
         secrets: secrets.clone(),
         pool,
-        policy,
+        policy: shared_policy.clone(),
         node_ips: node_addresses(),
         metrics,
         refusals: Default::default(),
@@ -223,17 +241,152 @@ pub async fn run(config: Config, logs: Option<LogControl>) -> Result<(), AgentEr
     }
     let names = enrollment.names();
     readiness.started();
-    // From here on, pods join and leave the mesh as the config file says.
-    tokio::spawn(enrollment::watch_config(
-        config.config_file.clone(),
-        config_text.into_bytes(),
-        enrollment,
-    ));
+    // From here on, pods join and leave the mesh as the config file or the cluster says.
+    match followed {
+        Followed::File { path, text } => {
+            tokio::spawn(enrollment::watch_config(
+                path,
+                text.into_bytes(),
+                enrollment,
+            ));
+        }
+        Followed::Cluster(started) => {
+            let StartedCluster {
+                control,
+                cni,
+                cni_socket,
+                proc_root,
+                sandboxes,
+            } = *started;
+            tokio::spawn(enrollment::cluster::follow(
+                ClusterSource {
+                    node: config.node.clone(),
+                    control,
+                    cni,
+                    cni_socket,
+                    proc_root,
+                    policy: shared_policy,
+                    sandboxes,
+                    checked: Default::default(),
+                },
+                enrollment,
+            ));
+        }
+    }
     tracing::info!(node = %config.node, pods = ?names, mode = %mechanism, "agent ready");
 
     wait_for_shutdown().await;
     tracing::info!("shutting down; redirection stays in place, so captured pods fail closed until an agent returns (`warren uninstall` removes it)");
     Ok(())
+}
+
+/// What the agent starts from: the node's view of workloads and services, this node's
+/// pods to capture, the policies, and what to follow afterwards.
+struct Start {
+    local: LocalConfig,
+    workloads: Vec<Arc<Workload>>,
+    policy: PolicySet,
+    followed: Followed,
+}
+
+enum Followed {
+    /// The config file, and the text it had at start-up (what the watch compares).
+    File {
+        path: PathBuf,
+        text: String,
+    },
+    Cluster(Box<StartedCluster>),
+}
+
+/// The cluster's watches and the CNI socket, listening since before the first state.
+struct StartedCluster {
+    control: KubernetesControl,
+    cni: mpsc::Receiver<CniEvent>,
+    cni_socket: PathBuf,
+    proc_root: PathBuf,
+    sandboxes: Sandboxes,
+}
+
+fn start_local(
+    config_file: &Path,
+    config: &Config,
+    policy_config: &PolicyConfig,
+) -> Result<Start, AgentError> {
+    // The text read here is what the config watch compares against, so a change made
+    // while the agent starts is not missed.
+    let text = std::fs::read_to_string(config_file).map_err(|source| LocalConfigError::Read {
+        path: config_file.to_owned(),
+        source,
+    })?;
+    let local = LocalConfig::parse(&text, config_file)?;
+    let policy = match &config.policy {
+        Some(path) => PolicySet::load(policy_config.clone(), path)?,
+        None => PolicySet::new(policy_config.clone(), []),
+    };
+    Ok(Start {
+        workloads: local.enrolled_on(&config.node),
+        local,
+        policy,
+        followed: Followed::File {
+            path: config_file.to_owned(),
+            text,
+        },
+    })
+}
+
+/// Listen for the CNI plugin first (its requests wait until the agent serves), then
+/// wait for the API server's first lists, then find the netns of pods already running.
+async fn start_cluster(
+    node: &str,
+    cni_socket: &Path,
+    proc_root: &Path,
+    policy_config: PolicyConfig,
+) -> Result<Start, AgentError> {
+    let listener = cni_server::bind(cni_socket)?;
+    let (events, cni) = mpsc::channel(64);
+    tokio::spawn(cni_server::serve(listener, events));
+    tracing::info!(socket = %cni_socket.display(), "listening for warren-cni");
+    let client = kube::Client::try_default()
+        .await
+        .map_err(AgentError::Kubernetes)?;
+    let started = KubernetesControl::start(client, policy_config);
+    let mut started = std::pin::pin!(started);
+    let control = loop {
+        tokio::select! {
+            control = &mut started => break control,
+            () = tokio::time::sleep(std::time::Duration::from_secs(10)) => {
+                tracing::warn!("still waiting for the Kubernetes API server's first lists (see the watch errors above); pods are not captured until then");
+            }
+        }
+    };
+    let state = control.current();
+    let mut sandboxes = Sandboxes::default();
+    // Every pod of this node, in the mesh or not: one that left the mesh while no agent
+    // ran may still hold an earlier agent's iptables rules, removed below.
+    let running: Vec<Arc<Workload>> = state
+        .config
+        .workloads
+        .iter()
+        .filter(|w| w.node == node && !w.ips.is_empty())
+        .cloned()
+        .collect();
+    for (pod, sandbox) in procfs::find_sandboxes(proc_root, &running) {
+        tracing::info!(%pod, netns = %sandbox.netns.display(), "found the network namespace of a running pod");
+        sandboxes.record(sandbox);
+    }
+    let local = enrollment::cluster::node_config(&state, node, &sandboxes, proc_root);
+    Ok(Start {
+        workloads: enrollment::cluster::servable(&local, node),
+        local,
+        policy: state.policies.clone(),
+        followed: Followed::Cluster(Box::new(StartedCluster {
+            control,
+            cni,
+            cni_socket: cni_socket.to_owned(),
+            proc_root: proc_root.to_owned(),
+            sandboxes,
+        })),
+    })
 }
 
 /// A redirection installed for the prepared pods, and how the proxy reads original

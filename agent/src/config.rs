@@ -7,6 +7,18 @@ use crate::redirect::{iptables::BackendChoice, KernelFeature, RedirectMode};
 /// Where warren pins its eBPF programs and maps (`<dir>/<node>`).
 pub const DEFAULT_BPF_ROOT: &str = "/sys/fs/bpf/warren";
 
+/// Where `warren-cni` finds the agent unless told otherwise.
+pub const DEFAULT_CNI_SOCKET: &str = "/var/run/warren/cni.sock";
+
+/// Where the agent learns workloads, services and policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ControlSource {
+    /// A local YAML file (`--config`) and policy path (`--policy`): the lab, bare metal.
+    Local,
+    /// The Kubernetes API server, with pod network namespaces from `warren-cni`.
+    Kubernetes,
+}
+
 /// Istio's default trust domain.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 /// Where the admin endpoints listen unless told otherwise (Envoy's and ztunnel's port).
@@ -25,9 +37,36 @@ pub struct AgentArgs {
     #[arg(long, env = "WARREN_NODE_NAME")]
     pub node: String,
 
-    /// Local control file (YAML) listing workloads and the namespaces in the mesh.
+    /// Where the agent learns workloads, services and policy: `local` reads `--config`
+    /// (and `--policy`); `kubernetes` watches the cluster's API server (in-cluster
+    /// service-account credentials) and learns pod network namespaces from `warren-cni`.
+    #[arg(long, env = "WARREN_CONTROL", value_enum, default_value_t = ControlSource::Local)]
+    pub control: ControlSource,
+
+    /// Local control file (YAML) listing workloads and the namespaces in the mesh
+    /// (`--control local`).
     #[arg(long, env = ENV_CONFIG, value_name = "FILE")]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
+
+    /// Unix socket on which `warren-cni` hands over each new pod's network namespace
+    /// (`--control kubernetes`).
+    #[arg(
+        long,
+        env = "WARREN_CNI_SOCKET",
+        value_name = "PATH",
+        default_value = DEFAULT_CNI_SOCKET
+    )]
+    pub cni_socket: PathBuf,
+
+    /// The node's /proc (mounted into the agent's container), searched at start-up for the
+    /// network namespaces of pods that were already running (`--control kubernetes`).
+    #[arg(
+        long,
+        env = "WARREN_PROC_ROOT",
+        value_name = "DIR",
+        default_value = "/proc"
+    )]
+    pub proc_root: PathBuf,
 
     /// How pod traffic is steered into the agent.
     #[arg(long, env = "WARREN_REDIRECT", value_enum, default_value_t = RedirectMode::Auto)]
@@ -58,8 +97,37 @@ pub struct AgentArgs {
     /// Directory of the CA that signs this node's workload certificates (Istio's plug-in
     /// CA layout: root-cert.pem, ca-cert.pem, ca-key.pem, cert-chain.pem). Create one with
     /// `warren ca init --dir DIR`.
-    #[arg(long, env = "WARREN_CA_DIR", value_name = "DIR")]
-    pub ca_dir: PathBuf,
+    #[arg(
+        long,
+        env = "WARREN_CA_DIR",
+        value_name = "DIR",
+        conflicts_with = "ca_addr"
+    )]
+    pub ca_dir: Option<PathBuf>,
+
+    /// Address of the CA that signs this node's workload certificates over the network
+    /// (`warren ca serve`), e.g. `https://warren-ca.warren-system.svc:15012`.
+    #[arg(long, env = "WARREN_CA_ADDR", value_name = "URL")]
+    pub ca_addr: Option<String>,
+
+    /// PEM root certificate that the `--ca-addr` server's certificate must chain to.
+    #[arg(
+        long,
+        env = "WARREN_CA_ROOT_CERT",
+        value_name = "FILE",
+        requires = "ca_addr"
+    )]
+    pub ca_root_cert: Option<PathBuf>,
+
+    /// Service-account token (projected, audience `warren-ca`) the agent presents to the
+    /// `--ca-addr` server; re-read at every request, as the kubelet rotates it.
+    #[arg(
+        long,
+        env = "WARREN_CA_TOKEN_FILE",
+        value_name = "FILE",
+        requires = "ca_addr"
+    )]
+    pub ca_token_file: Option<PathBuf>,
 
     /// Lifetime of workload certificates; renewed at half-life (e.g. 24h, 10m, 5s).
     #[arg(long, env = "WARREN_CERT_LIFETIME", value_parser = humantime::parse_duration, default_value = "24h")]
@@ -109,11 +177,24 @@ pub struct AgentArgs {
     pub probe_pretend_missing: Vec<KernelFeature>,
 }
 
+/// Where workloads, services and policy come from, with what that source needs.
+#[derive(Debug, Clone)]
+pub enum Control {
+    /// A config file (`--config`), re-read when it changes; policy from `--policy`.
+    Local { config_file: PathBuf },
+    /// The API server; pods' network namespaces from `warren-cni` on `cni_socket`, and
+    /// from the node's /proc (`proc_root`) for pods that ran before the agent.
+    Kubernetes {
+        cni_socket: PathBuf,
+        proc_root: PathBuf,
+    },
+}
+
 /// Everything the agent runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub node: String,
-    pub config_file: PathBuf,
+    pub control: Control,
     pub redirect: RedirectMode,
     pub iptables_backend: BackendChoice,
     /// Where bpffs is mounted (checked at start-up).
@@ -132,18 +213,50 @@ pub struct Config {
     pub probe_pretend_missing: Vec<KernelFeature>,
 }
 
-impl From<AgentArgs> for Config {
-    fn from(args: AgentArgs) -> Self {
-        Self {
+/// Flags that parse but do not make a runnable agent.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--control local needs --config FILE (the workloads and mesh namespaces); or run with --control kubernetes")]
+    MissingLocalConfig,
+    #[error("the agent needs a CA: --ca-dir DIR (a local CA, e.g. from `warren ca init`) or --ca-addr URL (`warren ca serve`)")]
+    MissingCa,
+    #[error("{0} is not supported by this agent yet")]
+    Unsupported(&'static str),
+    #[error("--policy is for --control local; with --control kubernetes the policies are the cluster's PeerAuthentication and AuthorizationPolicy objects (`kubectl apply` them)")]
+    PolicyWithKubernetes,
+}
+
+impl TryFrom<AgentArgs> for Config {
+    type Error = ConfigError;
+
+    fn try_from(args: AgentArgs) -> Result<Self, ConfigError> {
+        let control = match args.control {
+            ControlSource::Local => Control::Local {
+                config_file: args.config.ok_or(ConfigError::MissingLocalConfig)?,
+            },
+            ControlSource::Kubernetes if args.policy.is_some() => {
+                return Err(ConfigError::PolicyWithKubernetes)
+            }
+            ControlSource::Kubernetes => Control::Kubernetes {
+                cni_socket: args.cni_socket,
+                proc_root: args.proc_root,
+            },
+        };
+        let ca_dir = match (args.ca_dir, args.ca_addr) {
+            (Some(dir), _) => dir,
+            (None, Some(_)) => return Err(ConfigError::Unsupported("--ca-addr")),
+            (None, None) => return Err(ConfigError::MissingCa),
+        };
+        Ok(Self {
             pin_dir: args.bpf_root.join(&args.node),
             bpffs: PathBuf::from("/sys/fs/bpf"),
             node: args.node,
-            config_file: args.config,
+            control,
             redirect: args.redirect,
             iptables_backend: args.iptables_backend,
             cgroup_root: args.cgroup_root,
             trust_domain: args.trust_domain,
-            ca_dir: args.ca_dir,
+            ca_dir,
             cert_lifetime: args.cert_lifetime,
             metrics_addr: args.metrics_addr,
             admin_addr: args.admin_addr,
@@ -151,6 +264,6 @@ impl From<AgentArgs> for Config {
             policy: args.policy,
             root_namespace: args.root_namespace,
             probe_pretend_missing: args.probe_pretend_missing,
-        }
+        })
     }
 }

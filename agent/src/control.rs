@@ -1,4 +1,6 @@
 //! Where the agent learns workloads and mesh membership from.
 //!
-//! Only the local file source exists so far; the Kubernetes source will feed the same model.
+//! Two sources feed one model (workloads, enrolled namespaces, policies): a local YAML
+//! file ([`local`]) and the Kubernetes API server ([`kubernetes`]).
+pub mod kubernetes;
 pub mod local;

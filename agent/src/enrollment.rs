@@ -32,6 +32,8 @@ use crate::{
     workload::{Workload, WorkloadIndex},
 };
 
+pub mod cluster;
+
 /// How often the config file is checked for changes, and how soon a pod that could not
 /// be enrolled is tried again.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -254,11 +256,22 @@ impl Enrollment {
     /// (or changed), then enroll the ones that joined. Returns whether every pod that
     /// should be served is; the ones that failed are logged and tried again later.
     pub async fn reconcile(&mut self, local: &LocalConfig) -> bool {
-        let wanted: BTreeMap<String, Arc<Workload>> = local
-            .enrolled_on(&self.node)
-            .into_iter()
-            .map(|w| (w.to_string(), w))
-            .collect();
+        let failed = self
+            .reconcile_to(local.enrolled_on(&self.node), local.index())
+            .await;
+        failed.is_empty()
+    }
+
+    /// Serve exactly `wanted` (this node's pods in the mesh), and judge destinations by
+    /// `index` from then on. Returns the pods that could not be enrolled, with why; they
+    /// are tried again at the next call.
+    pub async fn reconcile_to(
+        &mut self,
+        wanted: Vec<Arc<Workload>>,
+        index: WorkloadIndex,
+    ) -> BTreeMap<String, String> {
+        let wanted: BTreeMap<String, Arc<Workload>> =
+            wanted.into_iter().map(|w| (w.to_string(), w)).collect();
         let leaving: Vec<String> = self
             .served
             .iter()
@@ -273,7 +286,7 @@ impl Enrollment {
             self.release(&name).await;
         }
 
-        let mut pending = Vec::new();
+        let mut failed = BTreeMap::new();
         for (name, workload) in wanted {
             if self.served.contains_key(&name) {
                 continue;
@@ -282,18 +295,43 @@ impl Enrollment {
                 Ok(()) => tracing::info!(pod = %name, "pod joined the mesh: captured and served"),
                 Err(err) => {
                     tracing::error!(pod = %name, "cannot enroll the pod; trying again in {POLL_INTERVAL:?}: {err}");
-                    pending.push(name);
+                    failed.insert(name, err.to_string());
                 }
             }
         }
-        let complete = pending.is_empty();
-        self.readiness.set_pods(self.names(), pending);
+        self.readiness
+            .set_pods(self.names(), failed.keys().cloned().collect());
         // Destinations are judged by the new index only once the pods joining here
         // listen on 15008.
-        self.ctx
-            .workloads
-            .replace(WorkloadIndex::new(local.workloads.iter().cloned()));
-        complete
+        self.ctx.workloads.replace(index);
+        failed
+    }
+
+    /// Make sure a pod that is not served is not captured either: remove warren's
+    /// iptables rules from its netns, if an earlier agent left some (it crashed, or the
+    /// pod left the mesh while no agent ran). Under eBPF the programs' maps are the
+    /// agent's own, so there is nothing outside it to clear.
+    pub fn clear_stale(&mut self, pod: &str, netns: &std::path::Path) {
+        if self.served.contains_key(pod) || !matches!(self.redirection, Redirection::Iptables(_)) {
+            return;
+        }
+        let Ok(netns) = Netns::open(netns) else {
+            return;
+        };
+        match tokio::task::block_in_place(|| iptables::remove(&netns)) {
+            Ok(0) => {}
+            Ok(removed) => {
+                tracing::info!(%pod, removed, "removed an earlier agent's iptables rules from a pod not in the mesh")
+            }
+            Err(err) => {
+                tracing::warn!(%pod, error = %err, "cannot remove warren's iptables rules from a pod not in the mesh")
+            }
+        }
+    }
+
+    /// Whether `pod` (`namespace/name`) is served.
+    pub fn serves(&self, pod: &str) -> bool {
+        self.served.contains_key(pod)
     }
 
     async fn enroll(&mut self, workload: &Arc<Workload>) -> Result<(), AgentError> {

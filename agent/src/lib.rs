@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod agent;
 pub mod check;
+pub mod cni;
 pub mod config;
 pub mod control;
 pub mod enrollment;

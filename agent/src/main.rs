@@ -74,6 +74,9 @@ enum Command {
     /// Manage the certificate authority that signs workload certificates.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Put the `warren-cni` plugin into this node's CNI chain, or take it out.
+    #[command(subcommand)]
+    Cni(CniCommand),
     /// Explain what the agents will enforce for a config and policy, workload by
     /// workload, and flag what will fail or surprise. Exit status: 0 nothing flagged,
     /// 1 problems flagged, 2 the inputs cannot be read.
@@ -116,6 +119,15 @@ enum CaCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum CniCommand {
+    /// Copy `warren-cni` into the CNI bin dir and append it to the node's network config.
+    /// Running it again changes nothing.
+    Install(warren::cni::install::InstallArgs),
+    /// Remove `warren-cni` from the node's network config and its bin dir.
+    Uninstall(warren::cni::install::UninstallArgs),
+}
+
 fn main() -> ExitCode {
     // A usage error exits 2, which `check` and `verify` also use for "could not check".
     let cli = Cli::parse();
@@ -143,6 +155,23 @@ fn main() -> ExitCode {
                 eprintln!("error: warren uninstall must run as root: it enters pods' network namespaces and removes pinned eBPF objects");
                 return ExitCode::FAILURE;
             }
+            if let Some(daemonset) = &args.unless_daemonset_remains {
+                match daemonset_remains(daemonset) {
+                    Ok(true) => {
+                        println!("DaemonSet {daemonset} remains (a rolling update or a restart): nothing removed; the next agent takes the pods over, and they fail closed until it does");
+                        return ExitCode::SUCCESS;
+                    }
+                    Ok(false) => {
+                        println!("DaemonSet {daemonset} is being removed: uninstalling warren from this node")
+                    }
+                    // Not knowing, keep the pods protected: a node left captured fails
+                    // closed and `warren uninstall` can still be run by hand.
+                    Err(err) => {
+                        eprintln!("error: {err}; nothing removed (run `warren uninstall` by hand if warren is being removed)");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
             match warren::uninstall::run(&args) {
                 Ok(removed) => {
                     print!("{removed}");
@@ -154,6 +183,36 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Cni(CniCommand::Install(args)) => match warren::cni::install::install(&args) {
+            Ok(config) => {
+                println!(
+                    "warren-cni installed in {} and chained in {}",
+                    args.bin_dir.display(),
+                    config.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("error: {err}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Cni(CniCommand::Uninstall(args)) => match warren::cni::install::uninstall(&args) {
+            Ok(changed) if changed.is_empty() => {
+                println!("warren-cni was not installed; nothing to do");
+                ExitCode::SUCCESS
+            }
+            Ok(changed) => {
+                for path in changed {
+                    println!("removed warren-cni from {}", path.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("error: {err}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Ca(CaCommand::Init { dir, trust_domain }) => {
             match warren::identity::CertificateAuthority::init(&dir, &trust_domain) {
                 Ok(()) => {
@@ -182,6 +241,13 @@ fn main() -> ExitCode {
             }
         }
         Command::Agent(args) => {
+            let config = match warren::config::Config::try_from(*args) {
+                Ok(config) => config,
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    return ExitCode::from(2);
+                }
+            };
             // Data path on a small multi-thread runtime, as ztunnel does.
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -195,7 +261,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(warren::agent::run((*args).into(), Some(logs))) {
+            match runtime.block_on(warren::agent::run(config, Some(logs))) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     tracing::error!("{err}");
@@ -205,6 +271,20 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Ask the API server (in-cluster credentials, or KUBECONFIG) about the DaemonSet.
+fn daemonset_remains(daemonset: &str) -> Result<bool, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| format!("cannot start the async runtime: {err}"))?;
+    runtime.block_on(async {
+        let client = kube::Client::try_default()
+            .await
+            .map_err(|err| format!("cannot make a Kubernetes client: {err}"))?;
+        warren::uninstall::daemonset_remains(client, daemonset).await
+    })
 }
 
 /// `warren status`: fetch the agent's view and print it.

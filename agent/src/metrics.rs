@@ -121,6 +121,16 @@ impl TrafficLabels {
             None,
             record.dst_identity.as_deref(),
         );
+        // (destination_service, _namespace, _name), in TRAFFIC_LABELS order: known when a
+        // service address was dialled.
+        let destination_service = match &record.dst_service {
+            Some(service) => (
+                service.hostname(),
+                service.namespace.clone(),
+                service.name.clone(),
+            ),
+            None => (UNKNOWN.into(), UNKNOWN.into(), UNKNOWN.into()),
+        };
         let reporter = match record.direction {
             Direction::Outbound => "source",
             Direction::Inbound => "destination",
@@ -139,9 +149,9 @@ impl TrafficLabels {
             source.canonical_service,
             source.canonical_revision,
             source.cluster,
-            UNKNOWN.into(),
-            UNKNOWN.into(),
-            UNKNOWN.into(),
+            destination_service.0,
+            destination_service.1,
+            destination_service.2,
             destination.workload,
             destination.canonical_service.clone(),
             destination.canonical_revision.clone(),
@@ -510,6 +520,29 @@ mod tests {
         assert_eq!(labels.get("source_workload"), Some("unknown"));
         assert_eq!(labels.get("connection_security_policy"), Some("none"));
         assert_eq!(labels.get("response_flags"), Some("DENY"));
+    }
+
+    #[test]
+    fn a_dialled_service_is_the_destination_service() {
+        let mut record = ConnectionRecord::new(
+            "id".into(),
+            Direction::Outbound,
+            "10.0.0.2:9000".parse().unwrap(),
+        );
+        record.dst_service = Some(Arc::new(crate::workload::Service::new(
+            "shop".into(),
+            "cart".into(),
+            vec!["10.96.0.1".parse().unwrap()],
+            vec![80],
+            vec![],
+        )));
+        let labels = TrafficLabels::of(&record);
+        assert_eq!(
+            labels.get("destination_service"),
+            Some("cart.shop.svc.cluster.local")
+        );
+        assert_eq!(labels.get("destination_service_name"), Some("cart"));
+        assert_eq!(labels.get("destination_service_namespace"), Some("shop"));
     }
 
     #[test]

@@ -10,6 +10,9 @@ use std::{
 
 use crate::identity::{Identity, IdentityError};
 
+mod service;
+pub use service::{Endpoint, Service};
+
 /// The cluster id in metrics and baggage: Istio's default (`global.multiCluster.clusterName`).
 pub const CLUSTER_ID: &str = "Kubernetes";
 
@@ -78,11 +81,12 @@ impl fmt::Display for Workload {
     }
 }
 
-/// Every known workload, looked up by address.
+/// Every known workload, looked up by address; and the services, by virtual address.
 #[derive(Debug, Default, Clone)]
 pub struct WorkloadIndex {
     all: Vec<Arc<Workload>>,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
+    services: HashMap<IpAddr, Arc<Service>>,
 }
 
 impl WorkloadIndex {
@@ -94,7 +98,26 @@ impl WorkloadIndex {
                 by_ip.insert(*ip, workload.clone());
             }
         }
-        Self { all, by_ip }
+        Self {
+            all,
+            by_ip,
+            services: HashMap::new(),
+        }
+    }
+
+    /// The same index with `services` reachable at their virtual addresses.
+    pub fn with_services(mut self, services: impl IntoIterator<Item = Arc<Service>>) -> Self {
+        for service in services {
+            for vip in &service.vips {
+                self.services.insert(*vip, service.clone());
+            }
+        }
+        self
+    }
+
+    /// The service at virtual address `ip`.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.services.get(&ip.to_canonical())
     }
 
     /// Every workload, in the order given.

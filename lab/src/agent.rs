@@ -32,18 +32,36 @@ pub struct Launch<'a> {
     pub binary: &'a Path,
     /// The node to serve.
     pub node: &'a Node,
-    /// `lab.yaml`.
-    pub config: &'a Path,
+    /// Where the agent learns workloads and policy.
+    pub control: Control<'a>,
     /// `--redirect` mode.
     pub redirect: RedirectMode,
     /// `--ca-dir`: the lab's CA.
     pub ca_dir: &'a Path,
-    /// `--policy`: the directory of Istio policy documents.
-    pub policy_dir: &'a Path,
     /// `--cert-lifetime`, when not the agent's default.
     pub cert_lifetime: Option<Duration>,
     /// Log file, appended to.
     pub log: &'a Path,
+}
+
+/// Where an agent learns workloads and policy.
+#[derive(Clone, Copy, Debug)]
+pub enum Control<'a> {
+    /// `--config lab.yaml --policy <dir>`.
+    Local {
+        /// `lab.yaml`, or a node's own view.
+        config: &'a Path,
+        /// The directory of Istio policy documents.
+        policy_dir: &'a Path,
+    },
+    /// `--control kubernetes` against the API server named in `kubeconfig`, with
+    /// `warren-cni` talking to `cni_socket`.
+    Kubernetes {
+        /// A kubeconfig file (`KUBECONFIG`).
+        kubeconfig: &'a Path,
+        /// `--cni-socket`.
+        cni_socket: &'a Path,
+    },
 }
 
 impl Launch<'_> {
@@ -52,14 +70,27 @@ impl Launch<'_> {
         let mut cmd = Command::new(self.binary);
         cmd.arg("agent")
             .args(["--node", &self.node.name])
-            .arg("--config")
-            .arg(self.config)
             .args(["--redirect", self.redirect.as_str()])
             .args(["--bpf-root", BPF_PIN_ROOT])
             .arg("--ca-dir")
-            .arg(self.ca_dir)
-            .arg("--policy")
-            .arg(self.policy_dir);
+            .arg(self.ca_dir);
+        match self.control {
+            Control::Local { config, policy_dir } => {
+                cmd.arg("--config")
+                    .arg(config)
+                    .arg("--policy")
+                    .arg(policy_dir);
+            }
+            Control::Kubernetes {
+                kubeconfig,
+                cni_socket,
+            } => {
+                cmd.args(["--control", "kubernetes"])
+                    .arg("--cni-socket")
+                    .arg(cni_socket)
+                    .env("KUBECONFIG", kubeconfig);
+            }
+        }
         if let Some(lifetime) = self.cert_lifetime {
             cmd.args(["--cert-lifetime", &cert_lifetime_arg(lifetime)]);
         }
@@ -270,10 +301,12 @@ mod tests {
         let launch = Launch {
             binary: &path,
             node: &topology.nodes[0],
-            config: &path,
+            control: Control::Local {
+                config: &path,
+                policy_dir: &path,
+            },
             redirect: RedirectMode::Ebpf,
             ca_dir: &path,
-            policy_dir: &path,
             log: &path,
             cert_lifetime,
         };

@@ -11,14 +11,94 @@ use serde::Serialize;
 
 use crate::topology::{Family, Topology, OUTSIDE_FOREIGN_IDENTITY};
 
+/// The lab's services: virtual addresses (assigned to no interface, as ClusterIPs are
+/// not) in front of pods, which enrolled pods reach through their agent.
+pub const SERVICES: [LabService; 2] = [
+    // demo/server's port 9080 behind port 80.
+    LabService {
+        namespace: "demo",
+        name: "server",
+        vips: ["10.96.0.10", "fd00:96::10"],
+        port: 80,
+        target_port: 9080,
+        selects_app: "server",
+    },
+    // Selects no pod: no endpoint is ever ready.
+    LabService {
+        namespace: "demo",
+        name: "nowhere",
+        vips: ["10.96.0.11", "fd00:96::11"],
+        port: 80,
+        target_port: 9080,
+        selects_app: "nowhere",
+    },
+];
+
+/// A service of the lab (see [`SERVICES`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LabService {
+    /// The service's namespace.
+    pub namespace: &'static str,
+    /// The service's name.
+    pub name: &'static str,
+    /// Its virtual addresses: IPv4, IPv6.
+    pub vips: [&'static str; 2],
+    /// The port clients dial.
+    pub port: u16,
+    /// The port of the selected pods it forwards to.
+    pub target_port: u16,
+    /// The `app` label of the pods it selects.
+    pub selects_app: &'static str,
+}
+
+impl LabService {
+    /// The service's address of `family` and port.
+    pub fn addr(&self, family: Family) -> std::net::SocketAddr {
+        let vip = match family {
+            Family::V4 => self.vips[0],
+            Family::V6 => self.vips[1],
+        };
+        std::net::SocketAddr::new(vip.parse().expect("a valid lab VIP"), self.port)
+    }
+}
+
 /// Top level of `lab.yaml`.
 #[derive(Debug, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentConfig {
     /// Namespaces enrolled in the mesh.
     pub mesh_namespaces: Vec<String>,
-    /// Every pod of the lab, enrolled or not.
+    /// The lab's services ([`SERVICES`]).
+    pub services: Vec<Service>,
+    /// Every pod of the lab, enrolled or not. Last in the file, so that a test can add
+    /// a workload by appending one.
     pub workloads: Vec<Workload>,
+}
+
+/// A service, as the agent's local control plane describes it.
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    /// Service name.
+    pub name: String,
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Virtual addresses.
+    pub vips: Vec<IpAddr>,
+    /// Ports and where they forward to.
+    pub ports: Vec<ServicePort>,
+    /// Labels of the workloads of the namespace that are its endpoints.
+    pub selector: BTreeMap<String, String>,
+}
+
+/// One port of a [`Service`].
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    /// What clients dial.
+    pub port: u16,
+    /// The endpoints' port.
+    pub target_port: u16,
 }
 
 /// One pod, as the agent's local control plane describes it.
@@ -87,6 +167,23 @@ impl AgentConfig {
                     }
                 }))
                 .collect(),
+            services: SERVICES
+                .iter()
+                .map(|service| Service {
+                    name: service.name.into(),
+                    namespace: service.namespace.into(),
+                    vips: service
+                        .vips
+                        .iter()
+                        .map(|vip| vip.parse().expect("a valid lab VIP"))
+                        .collect(),
+                    ports: vec![ServicePort {
+                        port: service.port,
+                        target_port: service.target_port,
+                    }],
+                    selector: BTreeMap::from([("app".to_owned(), service.selects_app.to_owned())]),
+                })
+                .collect(),
         }
     }
 
@@ -145,6 +242,17 @@ workloads:
   ips: ["10.77.2.10", "fd00:77:2::10"]
   netns: /run/netns/warren-n2-demo-server
   cgroup: /sys/fs/cgroup/unified/warren-lab/n2/demo-server
+services:
+- name: server
+  namespace: demo
+  vips: ["10.96.0.10", "fd00:96::10"]
+  ports: [{port: 80, targetPort: 9080}]
+  selector: {app: server}
+- name: nowhere
+  namespace: demo
+  vips: ["10.96.0.11", "fd00:96::11"]
+  ports: [{port: 80, targetPort: 9080}]
+  selector: {app: nowhere}
 "#,
         )
         .unwrap();

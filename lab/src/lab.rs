@@ -4,10 +4,10 @@
 use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::fs::{self, File};
-use std::io::Read as _;
+use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use sha2::{Digest as _, Sha256};
 
-use crate::agent::{self, Launch};
+use crate::agent::{self, Control, Launch};
 use crate::app::{self, AppClient, AppMode, AppServer, ConnectOptions, ConnectReport, LoadOptions};
 use crate::config::AgentConfig;
 use crate::enter::{self, EnterOptions};
@@ -40,6 +40,29 @@ pub struct Lab {
     cert_lifetime: Option<Duration>,
     /// Last state read or written, for when `state.json` cannot be read.
     cached: Mutex<State>,
+}
+
+/// How [`Lab::start_agent_locked`] starts an agent.
+enum StartControl<'a> {
+    /// The lab's `lab.yaml`, or a node's own config.
+    Local(Option<&'a Path>),
+    Kubernetes {
+        kubeconfig: &'a Path,
+        cni_socket: &'a Path,
+    },
+}
+
+/// What one `warren-cni` call did.
+#[derive(Debug)]
+pub struct CniRun {
+    /// Exit status 0.
+    pub ok: bool,
+    /// The result (ADD) or the CNI error object.
+    pub stdout: String,
+    /// What the plugin logged.
+    pub stderr: String,
+    /// The previous plugin's result that was passed in, which ADD must print unchanged.
+    pub prev_result: serde_json::Value,
 }
 
 impl Lab {
@@ -198,7 +221,7 @@ impl Lab {
                     eprintln!("lab: mounted bpffs at {}", mounts::BPFFS);
                 }
                 for node in &topology.nodes {
-                    lab.start_agent_locked(lock, &node.name, redirect, None)?;
+                    lab.start_agent_locked(lock, &node.name, redirect, StartControl::Local(None))?;
                 }
             }
             Ok(lab)
@@ -285,7 +308,12 @@ impl Lab {
                             Pid::from_raw(pid as i32),
                             Signal::SIGTERM,
                         )?;
-                        lab.start_agent_locked(lock, &node.name, redirect, None)?;
+                        lab.start_agent_locked(
+                            lock,
+                            &node.name,
+                            redirect,
+                            StartControl::Local(None),
+                        )?;
                     }
                     Some(_) => {}
                     None => {
@@ -293,7 +321,12 @@ impl Lab {
                             "lab: the agent of {} is not running; starting it",
                             node.name
                         );
-                        lab.start_agent_locked(lock, &node.name, redirect, None)?;
+                        lab.start_agent_locked(
+                            lock,
+                            &node.name,
+                            redirect,
+                            StartControl::Local(None),
+                        )?;
                     }
                 }
             }
@@ -708,7 +741,7 @@ impl Lab {
         if let Some(pid) = self.agent_pid(node) {
             bail!("the agent of {node} is already running (pid {pid}); kill it first");
         }
-        self.start_agent_locked(&lock, node, redirect, None)
+        self.start_agent_locked(&lock, node, redirect, StartControl::Local(None))
     }
 
     /// Start the agent of `node` in the lab's mode with its own `config` instead of
@@ -722,7 +755,94 @@ impl Lab {
         if let Some(pid) = self.agent_pid(node) {
             bail!("the agent of {node} is already running (pid {pid}); kill it first");
         }
-        self.start_agent_locked(&lock, node, redirect, Some(config))
+        self.start_agent_locked(&lock, node, redirect, StartControl::Local(Some(config)))
+    }
+
+    /// Start the agent of `node` in the lab's mode with `--control kubernetes`, against
+    /// the API server that `kubeconfig` names, listening for `warren-cni` on
+    /// [`Self::cni_socket`]; [`Self::start_agent`] goes back to the lab's config. Ready
+    /// once it has listed the cluster and enrolled the pods it found.
+    pub fn start_agent_kubernetes(&self, node: &str, kubeconfig: &Path) -> Result<u32> {
+        let LabMode::Agents(redirect) = self.mode else {
+            bail!("the lab is up without agents (mode no-agents); bring it up with agents to start one");
+        };
+        let lock = self.dir.lock()?;
+        if let Some(pid) = self.agent_pid(node) {
+            bail!("the agent of {node} is already running (pid {pid}); kill it first");
+        }
+        let socket = self.cni_socket(node);
+        self.start_agent_locked(
+            &lock,
+            node,
+            redirect,
+            StartControl::Kubernetes {
+                kubeconfig,
+                cni_socket: &socket,
+            },
+        )
+    }
+
+    /// Where `node`'s Kubernetes-mode agent listens for `warren-cni`.
+    pub fn cni_socket(&self, node: &str) -> PathBuf {
+        self.dir.cni_dir(node).join("cni.sock")
+    }
+
+    /// Call `warren-cni` for `pod` as a container runtime would when it makes
+    /// (`ADD`) or removes (`DEL`) the pod's sandbox: `CNI_*` variables, and on stdin the
+    /// plugin's config (talking to the socket of the pod's node) with the previous
+    /// plugin's result holding the pod's addresses.
+    pub fn cni(&self, command: &str, pod: &str) -> Result<CniRun> {
+        let pod = self.pod(pod);
+        let binary = crate::cargo::build_bin("warren", "warren-cni")?;
+        let config = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "lab",
+            "type": "warren-cni",
+            "socket": self.cni_socket(&pod.node),
+            "excludeNamespaces": ["kube-system"],
+            "prevResult": {
+                "cniVersion": "1.0.0",
+                "interfaces": [{"name": "eth0", "sandbox": pod.netns_path}],
+                "ips": [
+                    {"address": format!("{}/24", pod.ipv4), "interface": 0},
+                    {"address": format!("{}/64", pod.ipv6), "interface": 0},
+                ],
+            },
+        });
+        let mut child = Command::new(&binary)
+            .env("CNI_COMMAND", command)
+            .env(
+                "CNI_CONTAINERID",
+                format!("lab-{}-{}", pod.namespace, pod.name),
+            )
+            .env("CNI_NETNS", &pod.netns_path)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", binary.parent().unwrap_or(Path::new("/")))
+            .env(
+                "CNI_ARGS",
+                format!(
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_UID=lab-{}",
+                    pod.namespace, pod.name, pod.name
+                ),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running {}", binary.display()))?;
+        child
+            .stdin
+            .take()
+            .context("warren-cni's stdin")?
+            .write_all(config.to_string().as_bytes())
+            .context("writing warren-cni's config")?;
+        let output = child.wait_with_output().context("waiting for warren-cni")?;
+        Ok(CniRun {
+            ok: output.status.success(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            prev_result: config["prevResult"].clone(),
+        })
     }
 
     fn start_agent_locked(
@@ -730,7 +850,7 @@ impl Lab {
         lock: &LabLock,
         node_name: &str,
         redirect: RedirectMode,
-        config: Option<&Path>,
+        control: StartControl<'_>,
     ) -> Result<u32> {
         if !matches!(self.mode, LabMode::Agents(_)) {
             bail!("the lab is up without agents (mode no-agents); bring it up with agents to start one");
@@ -744,14 +864,26 @@ impl Lab {
             "state.json records no agent binary; run `cargo xtask lab down` and up again",
         )?;
         let log = self.dir.agent_log(node_name);
+        let (lab_config, policy_dir) = (self.dir.config(), self.dir.policies());
         eprintln!("lab: starting the agent of {node_name} (redirect {redirect})");
         let pid = agent::start(&Launch {
             binary: &binary.path,
             node,
-            config: config.unwrap_or(&self.dir.config()),
+            control: match control {
+                StartControl::Local(config) => Control::Local {
+                    config: config.unwrap_or(&lab_config),
+                    policy_dir: &policy_dir,
+                },
+                StartControl::Kubernetes {
+                    kubeconfig,
+                    cni_socket,
+                } => Control::Kubernetes {
+                    kubeconfig,
+                    cni_socket,
+                },
+            },
             redirect,
             ca_dir: &self.dir.ca(),
-            policy_dir: &self.dir.policies(),
             log: &log,
             cert_lifetime: state.cert_lifetime,
         })?;

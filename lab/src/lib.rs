@@ -54,7 +54,7 @@ mod verify;
 
 pub use app::{AppClient, AppMode, AppServer, ConnectOptions, ConnectReport, LoadOptions};
 pub use capture::{Capture, Captured};
-pub use lab::Lab;
+pub use lab::{CniRun, Lab};
 /// Signals for [`Lab::kill_agent`], re-exported so tests need not depend on nix.
 pub use nix::sys::signal::Signal;
 pub use options::{LabMode, RedirectMode, UpOptions};

@@ -55,6 +55,10 @@ impl RuntimeDir {
     pub fn ca(&self) -> PathBuf {
         self.root.join("ca")
     }
+    /// `cni-<node>/`: the node's CNI socket (`cni.sock`) and the agent's cache beside it.
+    pub fn cni_dir(&self, node: &str) -> PathBuf {
+        self.root.join(format!("cni-{node}"))
+    }
     /// `<node>.log`, the agent's stdout and stderr, appended across restarts.
     pub fn agent_log(&self, node: &str) -> PathBuf {
         self.root.join(format!("{node}.log"))

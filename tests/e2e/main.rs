@@ -13,6 +13,7 @@ mod capture;
 mod encryption;
 mod enrollment;
 mod interop;
+mod kubernetes;
 mod observability;
 mod plug_in_ca;
 mod policy;
@@ -53,6 +54,7 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
     all.extend(policy::SCENARIOS);
     all.extend(observability::SCENARIOS);
     all.extend(enrollment::SCENARIOS);
+    all.extend(kubernetes::SCENARIOS);
     all.extend(uninstall::SCENARIOS);
     all.extend(bad_input::SCENARIOS);
     all

@@ -3,7 +3,7 @@
 use anyhow::{ensure, Result};
 use warren_lab::{AppMode, Family, Lab};
 
-use crate::support::{access_record, ensure_ok, field};
+use crate::support::{access_record, ensure_ok, field, sample_sum, scrape};
 
 pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
     ("traffic::across_nodes_ipv4_64mib", |lab| {
@@ -18,6 +18,18 @@ pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
     ("traffic::same_node_ipv6_64mib", |lab| {
         carried(lab, "demo/client", "demo/peer", Family::V6)
     }),
+    (
+        "traffic::service_vip_reaches_a_ready_endpoint_ipv4",
+        |lab| service_vip(lab, Family::V4),
+    ),
+    (
+        "traffic::service_vip_reaches_a_ready_endpoint_ipv6",
+        |lab| service_vip(lab, Family::V6),
+    ),
+    (
+        "traffic::service_without_ready_endpoints_is_refused",
+        service_without_endpoints,
+    ),
     ("traffic::half_close_across_nodes", half_close),
     ("traffic::server_speaks_first", server_speaks_first),
 ];
@@ -72,6 +84,63 @@ fn carried(lab: &Lab, client: &str, server: &str, family: Family) -> Result<()> 
         outbound["connection_id"] == inbound["connection_id"]
             && !field(&outbound, "connection_id").is_empty(),
         "both ends should log the same connection id:\n{outbound}\n{inbound}"
+    );
+    Ok(())
+}
+
+/// `demo/client` dials the `demo/server` service's virtual address (assigned to no
+/// interface; no kube-proxy in the lab): n1's agent sends the connection to the service's
+/// ready endpoint — `demo/server`'s port 9080, through the mTLS tunnel — and names the
+/// service in its access record and in `destination_service`.
+fn service_vip(lab: &Lab, family: Family) -> Result<()> {
+    let service = warren_lab::config::SERVICES[0];
+    let app = lab.serve("demo/server", service.target_port, AppMode::Echo)?;
+    let vip = service.addr(family);
+    let endpoint = lab.pod("demo/server").addr(family, app.port());
+    let offset = lab.agent_log_len("n1");
+    let report = lab.connect("demo/client", vip, AppMode::Echo, 256 * 1024)?;
+    ensure_ok(&report, &format!("demo/client → service {vip}"))?;
+    let record = access_record(lab, "n1", offset, "outbound", endpoint)?;
+    ensure!(
+        field(&record, "dst_service") == "server.demo.svc.cluster.local"
+            && field(&record, "dst_workload") == "demo/server"
+            && field(&record, "security") == "mutual_tls"
+            && field(&record, "outcome") == "ok",
+        "n1's record of the connection to {vip}: {record}"
+    );
+    let opened = sample_sum(
+        &scrape(lab, "n1")?,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "source"),
+            ("destination_service", "server.demo.svc.cluster.local"),
+            ("destination_service_name", "server"),
+            ("destination_service_namespace", "demo"),
+        ],
+    );
+    ensure!(
+        opened >= 1.0,
+        "n1 should count the connection with its service"
+    );
+    Ok(())
+}
+
+/// A service whose selector matches no pod: the connection is closed at once, and the
+/// record says why, flagged `UH` (no healthy upstream) as Istio flags it.
+fn service_without_endpoints(lab: &Lab) -> Result<()> {
+    let vip = warren_lab::config::SERVICES[1].addr(Family::V4);
+    let offset = lab.agent_log_len("n1");
+    let report = lab.connect("demo/client", vip, AppMode::Echo, 1024)?;
+    ensure!(
+        !report.ok,
+        "a service without endpoints carried data: {report:?}"
+    );
+    let record = access_record(lab, "n1", offset, "outbound", vip)?;
+    ensure!(
+        field(&record, "response_flags") == "UH"
+            && field(&record, "error").contains("no ready endpoint")
+            && field(&record, "dst_service") == "nowhere.demo.svc.cluster.local",
+        "n1's record of the connection to {vip}: {record}"
     );
     Ok(())
 }

@@ -15,6 +15,12 @@
 //!   namespace: outside
 //!   foreignHbone: true             # no node, no netns: dialled on its 15008, identity checked
 //!   ips: ["192.168.77.100"]
+//! services:                        # a ClusterIP in front of workloads
+//! - name: server
+//!   namespace: demo
+//!   vips: ["10.96.0.10"]           # what clients dial; not assigned to any interface
+//!   ports: [{port: 80, targetPort: 9000}]
+//!   selector: {app: server}        # endpoints: this namespace's workloads with these labels
 //! ```
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -25,7 +31,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::workload::Workload;
+use crate::workload::{Endpoint, Service, Workload, WorkloadIndex};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LocalConfigError {
@@ -50,6 +56,27 @@ struct LocalConfigFile {
     mesh_namespaces: Vec<String>,
     #[serde(default)]
     workloads: Vec<WorkloadSpec>,
+    #[serde(default)]
+    services: Vec<ServiceSpec>,
+}
+
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ServiceSpec {
+    name: String,
+    namespace: String,
+    vips: Vec<IpAddr>,
+    ports: Vec<ServicePortSpec>,
+    selector: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ServicePortSpec {
+    port: u16,
+    /// The same as `port` when absent, as in Kubernetes.
+    #[serde(default)]
+    target_port: Option<u16>,
 }
 
 #[derive(Debug, Deserialize, PartialEq)]
@@ -106,11 +133,73 @@ fn placement(spec: &WorkloadSpec, id: &str) -> Result<(String, PathBuf), String>
     Ok((node, netns))
 }
 
+/// A service of the file, its endpoints the selected workloads (all ready: local mode
+/// has no readiness). Its addresses must be its own.
+fn service(
+    spec: ServiceSpec,
+    workloads: &[Arc<Workload>],
+    owners: &mut HashMap<IpAddr, String>,
+) -> Result<Arc<Service>, String> {
+    let id = format!("service {}/{}", spec.namespace, spec.name);
+    if spec.vips.is_empty() {
+        return Err(format!("{id} has no `vips` (the addresses clients dial)"));
+    }
+    if spec.ports.is_empty()
+        || spec
+            .ports
+            .iter()
+            .any(|p| p.port == 0 || p.target_port == Some(0))
+    {
+        return Err(format!(
+            "{id} needs `ports`, each with a non-zero `port` (and `targetPort`)"
+        ));
+    }
+    if spec.selector.is_empty() {
+        return Err(format!(
+            "{id} has an empty `selector`; it would select every workload of {}",
+            spec.namespace
+        ));
+    }
+    for vip in &spec.vips {
+        if let Some(other) = owners.insert(vip.to_canonical(), id.clone()) {
+            return Err(format!("address {vip} is claimed by both {other} and {id}"));
+        }
+    }
+    let target_ports: BTreeMap<u16, u16> = spec
+        .ports
+        .iter()
+        .map(|p| (p.port, p.target_port.unwrap_or(p.port)))
+        .collect();
+    let endpoints = workloads
+        .iter()
+        .filter(|w| w.namespace == spec.namespace)
+        .filter(|w| {
+            spec.selector
+                .iter()
+                .all(|(k, v)| w.labels.get(k) == Some(v))
+        })
+        .flat_map(|w| w.ips.iter())
+        .map(|ip| Endpoint {
+            ip: *ip,
+            target_ports: target_ports.clone(),
+            ready: true,
+        })
+        .collect();
+    Ok(Arc::new(Service::new(
+        spec.namespace,
+        spec.name,
+        spec.vips,
+        target_ports.keys().copied().collect(),
+        endpoints,
+    )))
+}
+
 /// The validated contents of a local config file.
 #[derive(Debug, Clone)]
 pub struct LocalConfig {
     pub mesh_namespaces: HashSet<String>,
     pub workloads: Vec<Arc<Workload>>,
+    pub services: Vec<Arc<Service>>,
 }
 
 impl LocalConfig {
@@ -167,10 +256,23 @@ impl LocalConfig {
                 cgroup: spec.cgroup,
             }));
         }
+        let services = file
+            .services
+            .into_iter()
+            .map(|spec| service(spec, &workloads, &mut owners))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(invalid)?;
         Ok(Self {
             mesh_namespaces,
             workloads,
+            services,
         })
+    }
+
+    /// The index the proxy looks destinations up in.
+    pub fn index(&self) -> WorkloadIndex {
+        WorkloadIndex::new(self.workloads.iter().cloned())
+            .with_services(self.services.iter().cloned())
     }
 
     /// Workloads on `node` whose namespace is in the mesh: the pods this agent captures.
@@ -300,6 +402,36 @@ workloads:
         let text = format!("{SAMPLE}- name: client\n  namespace: demo\n  node: n1\n  netns: /x\n");
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("demo/client is listed twice"), "{err}");
+    }
+
+    #[test]
+    fn services_select_their_endpoints() {
+        let text = format!(
+            "{}services:\n- name: web\n  namespace: demo\n  vips: [\"10.96.0.10\"]\n  ports: [{{port: 80, targetPort: 9000}}, {{port: 443}}]\n  selector: {{app: client}}\n",
+            SAMPLE
+        );
+        let config = parse(&text).unwrap();
+        let index = config.index();
+        let web = index.service_by_vip("10.96.0.10".parse().unwrap()).unwrap();
+        assert_eq!(web.ports, [80, 443]);
+        let picked = web.pick("10.96.0.10:80".parse().unwrap()).unwrap();
+        assert_eq!(picked.to_string(), "10.77.1.10:9000");
+        let picked = web.pick("10.96.0.10:443".parse().unwrap()).unwrap();
+        assert_eq!(picked.to_string(), "10.77.1.10:443");
+
+        for (change, expected) in [
+            ("vips: [\"10.96.0.10\"]", "vips: [\"10.77.2.10\"]"),
+            ("selector: {app: client}", "selector: {}"),
+            (
+                "ports: [{port: 80, targetPort: 9000}, {port: 443}]",
+                "ports: []",
+            ),
+        ]
+        .map(|(from, to)| (text.replace(from, to), from))
+        {
+            let err = parse(&change).unwrap_err().to_string();
+            assert!(err.contains("service demo/web"), "{expected}: {err}");
+        }
     }
 
     #[test]

@@ -15,7 +15,10 @@ use std::{
 use serde::Serialize;
 
 use super::hbone::Baggage;
-use crate::{metrics::Metrics, workload::Workload};
+use crate::{
+    metrics::Metrics,
+    workload::{Service, Workload},
+};
 
 /// Which way a connection crossed this agent.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
@@ -45,6 +48,8 @@ pub enum ResponseFlags {
     Deny,
     /// `CONNECT`: no upstream connection (connect or tunnel failure, no route).
     Connect,
+    /// `UH`: a service address was dialled and no endpoint of it is ready.
+    NoHealthyUpstream,
 }
 
 impl ResponseFlags {
@@ -53,6 +58,7 @@ impl ResponseFlags {
             ResponseFlags::None => "-",
             ResponseFlags::Deny => "DENY",
             ResponseFlags::Connect => "CONNECT",
+            ResponseFlags::NoHealthyUpstream => "UH",
         }
     }
 }
@@ -73,6 +79,9 @@ pub struct ConnectionRecord {
     /// a source this agent does not know (never the access log's `src_workload`, which
     /// names only workloads this agent knows).
     pub src_baggage: Option<Baggage>,
+    /// The service whose virtual address the client dialled (`dst_addr` is then the
+    /// endpoint it was sent to).
+    pub dst_service: Option<Arc<Service>>,
     pub src_identity: Option<String>,
     pub dst_identity: Option<String>,
     pub bytes_sent: u64,
@@ -94,6 +103,9 @@ struct Line<'a> {
     dst_addr: SocketAddr,
     src_workload: Option<String>,
     dst_workload: Option<String>,
+    /// `<name>.<namespace>.svc.cluster.local` when a service address was dialled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dst_service: Option<String>,
     src_identity: Option<&'a str>,
     dst_identity: Option<&'a str>,
     /// Bytes from the client towards the destination.
@@ -118,6 +130,7 @@ impl ConnectionRecord {
             src_workload: None,
             dst_workload: None,
             src_baggage: None,
+            dst_service: None,
             src_identity: None,
             dst_identity: None,
             bytes_sent: 0,
@@ -154,6 +167,7 @@ impl ConnectionRecord {
             dst_addr: self.dst_addr,
             src_workload: self.src_workload.as_ref().map(|w| w.to_string()),
             dst_workload: self.dst_workload.as_ref().map(|w| w.to_string()),
+            dst_service: self.dst_service.as_ref().map(|s| s.hostname()),
             src_identity: self.src_identity.as_deref(),
             dst_identity: self.dst_identity.as_deref(),
             bytes_sent: self.bytes_sent,

@@ -15,7 +15,7 @@ use tokio_rustls::TlsConnector;
 use warren_common::INBOUND_TUNNEL_PORT;
 
 use super::{
-    access_log::{new_connection_id, ConnectionRecord, Direction, Security},
+    access_log::{new_connection_id, ConnectionRecord, Direction, ResponseFlags, Security},
     hbone::{self, ConnectRequest, PoolKey},
     is_agent_port, relay, Pod, ProxyContext,
 };
@@ -39,11 +39,26 @@ pub async fn handle(
         tracing::warn!(pod = %pod.workload, %peer, "no original destination recorded for this connection (was it made to port 15001 directly?); closing it");
         return;
     };
-    let dst_workload = ctx.workloads.current().by_ip(dst.ip()).cloned();
+    let index = ctx.workloads.current();
+    // A service address is sent on to one of its ready endpoints, as kube-proxy would.
+    let service = index.service_by_vip(dst.ip()).cloned();
+    let endpoint = service.as_ref().map(|s| s.pick(dst));
+    let dst = endpoint.flatten().unwrap_or(dst);
+    let dst_workload = index.by_ip(dst.ip()).cloned();
     let mut record = ConnectionRecord::new(new_connection_id(), Direction::Outbound, dst);
     record.src_workload = Some(pod.workload.clone());
     record.src_identity = Some(pod.identity.to_string());
     record.dst_workload = dst_workload.clone();
+    record.dst_service = service.clone();
+    if let (Some(service), Some(None)) = (&service, endpoint) {
+        record.failed(format!(
+            "service {service} has no ready endpoint for port {}",
+            dst.port()
+        ));
+        record.response_flags = ResponseFlags::NoHealthyUpstream;
+        record.emit(&ctx.metrics);
+        return;
+    }
 
     if is_agent_port(dst.port()) && pod.workload.ips.contains(&dst.ip().to_canonical()) {
         record.failed(format!(

@@ -1,0 +1,348 @@
+//! Kubernetes mode: follow the cluster. Every new [`ClusterState`] and every CNI
+//! request comes to one task, which owns the [`Enrollment`]: this node's pods in the
+//! mesh whose network namespace is known (from `warren-cni`, or found in /proc) are
+//! served; the policies in force are the state's.
+//!
+//! A CNI ADD is answered only after the reconcile that follows it, so a mesh pod's
+//! containers start captured. The pod watch may lag behind the runtime: an ADD for a
+//! pod the state does not know yet waits a little for it.
+use std::{
+    collections::{BTreeMap, HashSet},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::sync::mpsc;
+
+use super::{Enrollment, POLL_INTERVAL};
+use crate::{
+    cni::{
+        procfs,
+        protocol::{PodSandbox, Reply, Request},
+        server::{self, CniEvent, Sandboxes},
+    },
+    control::{
+        kubernetes::{ClusterState, KubernetesControl},
+        local::LocalConfig,
+    },
+    policy::SharedPolicy,
+    workload::Workload,
+};
+
+/// How long an ADD waits for the API server to show its pod.
+const UNKNOWN_POD_WAIT: Duration = Duration::from_secs(10);
+
+/// What the follow loop reads from.
+pub struct ClusterSource {
+    pub node: String,
+    pub control: KubernetesControl,
+    pub cni: mpsc::Receiver<CniEvent>,
+    pub cni_socket: PathBuf,
+    pub proc_root: PathBuf,
+    pub policy: Arc<SharedPolicy>,
+    pub sandboxes: Sandboxes,
+    /// Sandboxes already checked for an earlier agent's rules.
+    pub checked: HashSet<(String, PathBuf)>,
+}
+
+/// The node's view of a state: the state's workloads, with the network namespace (and,
+/// before the kubelet writes them, the addresses) of this node's pods filled in from
+/// their sandboxes.
+pub fn node_config(
+    state: &ClusterState,
+    node: &str,
+    sandboxes: &Sandboxes,
+    proc_root: &std::path::Path,
+) -> LocalConfig {
+    let workloads = state
+        .config
+        .workloads
+        .iter()
+        .map(|workload| {
+            if workload.node != node {
+                return workload.clone();
+            }
+            let Some(sandbox) = sandboxes.get(&workload.to_string()) else {
+                return workload.clone();
+            };
+            let mut filled = Workload::clone(workload);
+            filled.netns = procfs::on_node(proc_root, &sandbox.netns);
+            if filled.ips.is_empty() {
+                filled.ips = sandbox.ips.clone();
+            }
+            // One order, whichever source: a reordering is not a change of the pod.
+            filled.ips.sort();
+            Arc::new(filled)
+        })
+        .collect();
+    LocalConfig {
+        mesh_namespaces: state.config.mesh_namespaces.clone(),
+        workloads,
+        services: state.config.services.clone(),
+    }
+}
+
+/// This node's pods in the mesh that can be served (their netns is known).
+pub fn servable(local: &LocalConfig, node: &str) -> Vec<Arc<Workload>> {
+    local
+        .enrolled_on(node)
+        .into_iter()
+        .filter(|w| !w.netns.as_os_str().is_empty())
+        .collect()
+}
+
+/// Run until the control's states end (never, while the agent runs).
+pub async fn follow(mut source: ClusterSource, mut enrollment: Enrollment) {
+    let mut states = source.control.subscribe();
+    let mut seen_pods: HashSet<String> = HashSet::new();
+    let mut failed = apply(&mut source, &mut enrollment, &mut seen_pods).await;
+    let mut retry = tokio::time::interval(POLL_INTERVAL);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            changed = states.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                failed = apply(&mut source, &mut enrollment, &mut seen_pods).await;
+            }
+            Some(event) = source.cni.recv() => {
+                let (reply, now_failed) =
+                    handle_cni(&mut source, &mut enrollment, &mut seen_pods, event.request).await;
+                failed = now_failed;
+                let _ = event.reply.send(reply);
+            }
+            _ = retry.tick(), if !failed.is_empty() => {
+                failed = apply(&mut source, &mut enrollment, &mut seen_pods).await;
+            }
+        }
+    }
+}
+
+/// Bring the node in line with the current state. Returns the pods that failed.
+async fn apply(
+    source: &mut ClusterSource,
+    enrollment: &mut Enrollment,
+    seen_pods: &mut HashSet<String>,
+) -> BTreeMap<String, String> {
+    let state = source.control.current();
+    if let Err(err) =
+        server::write_mesh_namespaces(&source.cni_socket, &state.config.mesh_namespaces)
+    {
+        tracing::warn!(error = %err, "cannot write the mesh namespaces for warren-cni; while the agent is down it treats every pod as a mesh pod");
+    }
+    source.policy.replace(state.policies.clone());
+
+    // Sandboxes of pods the API server has deleted go; a sandbox whose pod the state has
+    // not shown yet stays (the runtime can be faster than the watch).
+    let present: HashSet<String> = state
+        .config
+        .workloads
+        .iter()
+        .filter(|w| w.node == source.node)
+        .map(|w| w.to_string())
+        .collect();
+    seen_pods.retain(|pod| present.contains(pod));
+    seen_pods.extend(present.iter().cloned());
+    let mut keep = present.clone();
+    keep.extend(
+        source
+            .sandboxes
+            .names()
+            .filter(|p| !seen_pods.contains(*p))
+            .cloned(),
+    );
+    source.sandboxes.retain(&keep);
+
+    // Pods that ran before this agent: look for their netns in /proc.
+    let missing: Vec<Arc<Workload>> = state
+        .config
+        .enrolled_on(&source.node)
+        .into_iter()
+        .filter(|w| !w.ips.is_empty() && source.sandboxes.get(&w.to_string()).is_none())
+        .collect();
+    if !missing.is_empty() {
+        for (pod, sandbox) in procfs::find_sandboxes(&source.proc_root, &missing) {
+            tracing::info!(%pod, netns = %sandbox.netns.display(), "found the network namespace of a running pod");
+            source.sandboxes.record(sandbox);
+        }
+    }
+
+    let local = node_config(&state, &source.node, &source.sandboxes, &source.proc_root);
+    let failed = enrollment
+        .reconcile_to(servable(&local, &source.node), local.index())
+        .await;
+    // Each sandbox once: a pod outside the mesh holds no rules of ours. (A mesh pod
+    // not served yet keeps any: failing closed until it is.)
+    for workload in local
+        .workloads
+        .iter()
+        .filter(|w| w.node == source.node && !w.in_mesh)
+    {
+        let name = workload.to_string();
+        if !workload.netns.as_os_str().is_empty()
+            && source
+                .checked
+                .insert((name.clone(), workload.netns.clone()))
+        {
+            enrollment.clear_stale(&name, &workload.netns);
+        }
+    }
+    source
+        .checked
+        .retain(|(pod, _)| source.sandboxes.get(pod).is_some());
+    failed
+}
+
+async fn handle_cni(
+    source: &mut ClusterSource,
+    enrollment: &mut Enrollment,
+    seen_pods: &mut HashSet<String>,
+    request: Request,
+) -> (Reply, BTreeMap<String, String>) {
+    match request {
+        Request::Add(sandbox) => add(source, enrollment, seen_pods, sandbox).await,
+        Request::Del {
+            container_id,
+            namespace,
+            name,
+        } => {
+            let pod = format!("{namespace}/{name}");
+            source.sandboxes.forget(&pod, &container_id);
+            let failed = apply(source, enrollment, seen_pods).await;
+            tracing::info!(%pod, "CNI DEL: the pod's sandbox is gone");
+            (Reply::ok("forgotten"), failed)
+        }
+        Request::Status => (Reply::ok("agent running"), BTreeMap::new()),
+    }
+}
+
+async fn add(
+    source: &mut ClusterSource,
+    enrollment: &mut Enrollment,
+    seen_pods: &mut HashSet<String>,
+    sandbox: PodSandbox,
+) -> (Reply, BTreeMap<String, String>) {
+    let pod = format!("{}/{}", sandbox.namespace, sandbox.name);
+    let namespace = sandbox.namespace.clone();
+    tracing::info!(%pod, netns = %sandbox.netns.display(), ips = ?sandbox.ips, "CNI ADD");
+    source.sandboxes.record(sandbox);
+    let known = |state: &ClusterState| state.config.workloads.iter().any(|w| w.to_string() == pod);
+    if !known(&source.control.current()) {
+        // The kubelet runs the sandbox only for a pod the API server has; our watch will
+        // show it in a moment.
+        let mut states = source.control.subscribe();
+        let _ = tokio::time::timeout(UNKNOWN_POD_WAIT, states.wait_for(|s| known(s))).await;
+    }
+    let failed = apply(source, enrollment, seen_pods).await;
+    let state = source.control.current();
+    let reply = if enrollment.serves(&pod) {
+        Reply::ok(format!("{pod} captured"))
+    } else if let Some(err) = failed.get(&pod) {
+        Reply::refused(format!("{pod}: {err}"))
+    } else if !known(&state) && state.config.mesh_namespaces.contains(&namespace) {
+        Reply::refused(format!(
+            "{pod} is in mesh namespace {namespace} but the API server has not shown it to this agent within {UNKNOWN_POD_WAIT:?}; the kubelet retries"
+        ))
+    } else {
+        Reply::ok(format!("{pod} is not in the mesh"))
+    };
+    (reply, failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{PolicyConfig, PolicySet};
+
+    fn workload(name: &str, node: &str, ips: &[&str]) -> Arc<Workload> {
+        Arc::new(Workload {
+            namespace: "demo".into(),
+            name: name.into(),
+            service_account: name.into(),
+            labels: Default::default(),
+            node: node.into(),
+            ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+            netns: PathBuf::new(),
+            cgroup: None,
+            in_mesh: true,
+            foreign_hbone: false,
+        })
+    }
+
+    #[test]
+    fn this_nodes_pods_get_their_sandboxes_netns_and_addresses() {
+        let state = ClusterState {
+            config: LocalConfig {
+                mesh_namespaces: ["demo".to_owned()].into(),
+                workloads: vec![
+                    workload("starting", "n1", &[]),
+                    workload("running", "n1", &["fd00::2", "10.0.0.2"]),
+                    workload("waiting", "n1", &["10.0.0.3"]),
+                    workload("elsewhere", "n2", &["10.0.0.4"]),
+                ],
+                services: vec![],
+            },
+            policies: PolicySet::new(PolicyConfig::default(), []),
+            policy_errors: vec![],
+        };
+        let mut sandboxes = Sandboxes::default();
+        for (name, netns, ips) in [
+            ("starting", "/var/run/netns/cni-1", vec!["10.0.0.1"]),
+            ("running", "/proc/42/ns/net", vec!["10.0.0.2", "fd00::2"]),
+            ("elsewhere", "/var/run/netns/cni-9", vec!["10.0.0.4"]),
+        ] {
+            sandboxes.record(PodSandbox {
+                container_id: name.into(),
+                netns: netns.into(),
+                namespace: "demo".into(),
+                name: name.into(),
+                uid: String::new(),
+                ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+            });
+        }
+        let local = node_config(&state, "n1", &sandboxes, std::path::Path::new("/host/proc"));
+        let by_name = |name: &str| {
+            local
+                .workloads
+                .iter()
+                .find(|w| w.name == name)
+                .unwrap()
+                .clone()
+        };
+        assert_eq!(
+            by_name("starting").netns,
+            PathBuf::from("/var/run/netns/cni-1")
+        );
+        assert_eq!(
+            by_name("starting").ips,
+            ["10.0.0.1".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert_eq!(
+            by_name("running").netns,
+            PathBuf::from("/host/proc/42/ns/net")
+        );
+        assert_eq!(
+            by_name("running").ips,
+            [
+                "10.0.0.2".parse::<std::net::IpAddr>().unwrap(),
+                "fd00::2".parse().unwrap()
+            ],
+            "one order whichever source"
+        );
+        assert!(
+            by_name("elsewhere").netns.as_os_str().is_empty(),
+            "another node's pod"
+        );
+        let servable: Vec<String> = servable(&local, "n1")
+            .iter()
+            .map(|w| w.name.clone())
+            .collect();
+        assert_eq!(
+            servable,
+            ["starting", "running"],
+            "waiting has no netns yet"
+        );
+    }
+}

@@ -1,0 +1,336 @@
+//! Kubernetes mode on the lab: the agents watch an API server (the test-served one,
+//! over real HTTP, in the lab's `outside` netns), and pods are announced by calling
+//! `warren-cni` exactly as a container runtime would. Labelling the namespace enrolls
+//! its pods, policy objects and Services from the API are in force, an agent that is
+//! down makes mesh pods wait while others start, a restarted agent finds the running
+//! pods through /proc, and unlabelling releases them.
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use serde_json::{json, Value};
+use warren_lab::{config::SERVICES, AppMode, AppServer, Family, Lab, Signal};
+use warren_test_apiserver::TestApiServer;
+
+use crate::support::{access_record, ensure_ok, field, wait_for_log_line};
+
+pub const SCENARIOS: &[(&str, crate::Scenario)] = &[(
+    "kubernetes::pods_follow_the_api_server_and_the_cni_plugin",
+    pods_follow_the_api_server_and_the_cni_plugin,
+)];
+
+/// How long an agent may take to act on a change in the API server.
+const RECONCILE: Duration = Duration::from_secs(20);
+/// demo/server's application port: Service `demo/server` forwards port 80 to it.
+const SERVER_PORT: u16 = 9080;
+
+/// The test API server, reachable from the nodes, and the kubeconfig naming it.
+struct Cluster {
+    // Dropped before the runtime it runs on.
+    server: TestApiServer,
+    kubeconfig: PathBuf,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Cluster {
+    fn start(lab: &Lab) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .context("a tokio runtime for the test API server")?;
+        let address = SocketAddr::new(lab.outside_ip(Family::V4), 0);
+        let listener = lab
+            .run_in("outside", || std::net::TcpListener::bind(address))?
+            .with_context(|| format!("binding the test API server to {address} in outside"))?;
+        let server = runtime
+            .block_on(TestApiServer::serve_on(listener))
+            .context("starting the test API server")?;
+        let kubeconfig = lab.runtime_dir().join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster: {{server: \"{}\"}}\nusers:\n- name: lab\n  user: {{}}\ncontexts:\n- name: lab\n  context: {{cluster: lab, user: lab}}\ncurrent-context: lab\n",
+                server.url()
+            ),
+        )
+        .with_context(|| format!("writing {}", kubeconfig.display()))?;
+        Ok(Self {
+            server,
+            kubeconfig,
+            _runtime: runtime,
+        })
+    }
+
+    /// The lab's namespaces and pods as the API server shows them: `demo` with
+    /// `labelled`; pods scheduled but without addresses yet, as before the runtime made
+    /// their sandboxes.
+    fn apply_lab(&self, lab: &Lab, labelled: bool) {
+        self.label_demo(labelled);
+        self.server.apply(
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "legacy"}}),
+        );
+        for pod in lab.pods() {
+            self.server.apply(pod_object(lab, &pod.id(), false));
+        }
+        let service = SERVICES[0];
+        self.server.apply(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"namespace": service.namespace, "name": service.name},
+            "spec": {"clusterIP": service.vips[0], "clusterIPs": service.vips,
+                     "ports": [{"name": "http", "port": service.port, "targetPort": service.target_port}]}
+        }));
+        let server = lab.pod("demo/server");
+        for (family, address) in [
+            ("IPv4", server.ipv4.to_string()),
+            ("IPv6", server.ipv6.to_string()),
+        ] {
+            self.server.apply(json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"namespace": "demo", "name": format!("server-{}", family.to_lowercase()),
+                             "labels": {"kubernetes.io/service-name": "server"}},
+                "addressType": family,
+                "endpoints": [{"addresses": [address], "conditions": {"ready": true}}],
+                "ports": [{"name": "http", "port": service.target_port}]
+            }));
+        }
+    }
+
+    fn label_demo(&self, labelled: bool) {
+        let labels = if labelled {
+            json!({"warren.dev/mesh": "enabled"})
+        } else {
+            json!({})
+        };
+        self.server.apply(
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo", "labels": labels}}),
+        );
+    }
+}
+
+/// A lab pod as a Pod object; `running` adds the addresses the kubelet reports.
+fn pod_object(lab: &Lab, id: &str, running: bool) -> Value {
+    let pod = lab.pod(id);
+    let status = if running {
+        json!({"phase": "Running", "podIP": pod.ipv4.to_string(),
+               "podIPs": [{"ip": pod.ipv4.to_string()}, {"ip": pod.ipv6.to_string()}]})
+    } else {
+        json!({"phase": "Pending"})
+    };
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"namespace": pod.namespace, "name": pod.name, "labels": pod.labels},
+        "spec": {"nodeName": pod.node, "serviceAccountName": pod.service_account,
+                 "containers": [{"name": "app", "image": "lab-app"}]},
+        "status": status
+    })
+}
+
+/// Run `f` with both agents in Kubernetes mode; whatever happens, the agents go back
+/// to the lab's own config after.
+fn with_kubernetes_agents(lab: &Lab, f: impl FnOnce(&Cluster) -> Result<()>) -> Result<()> {
+    let cluster = Cluster::start(lab)?;
+    cluster.apply_lab(lab, false);
+    let outcome = (|| {
+        for node in ["n1", "n2"] {
+            lab.kill_agent(node, Signal::SIGTERM)?;
+            lab.start_agent_kubernetes(node, &cluster.kubeconfig)?;
+        }
+        f(&cluster)
+    })();
+    let mut restored = Ok(());
+    for node in ["n1", "n2"] {
+        if lab.agent_pid(node).is_some() {
+            if let Err(err) = lab.kill_agent(node, Signal::SIGTERM) {
+                restored = Err(err);
+                continue;
+            }
+        }
+        if let Err(err) = lab.start_agent(node) {
+            restored = Err(err);
+        }
+    }
+    outcome?;
+    restored.context("putting the lab's agents back in local mode")
+}
+
+/// ADD through `warren-cni`: it must succeed and print the previous result unchanged.
+fn cni_add(lab: &Lab, pod: &str) -> Result<()> {
+    let run = lab.cni("ADD", pod)?;
+    ensure!(run.ok, "warren-cni ADD {pod} failed: {run:?}");
+    let printed: Value = serde_json::from_str(&run.stdout)
+        .with_context(|| format!("warren-cni ADD {pod} printed no JSON: {run:?}"))?;
+    ensure!(
+        printed == run.prev_result,
+        "warren-cni ADD {pod} must pass the previous result on unchanged: {printed}"
+    );
+    Ok(())
+}
+
+fn pods_follow_the_api_server_and_the_cni_plugin(lab: &Lab) -> Result<()> {
+    // A process in every pod, as a pod's pause container: what /proc shows of it.
+    let _pauses: Vec<AppServer> = ["demo/client", "demo/peer", "legacy/client"]
+        .into_iter()
+        .map(|pod| lab.serve(pod, 0, AppMode::Echo))
+        .collect::<Result<_>>()?;
+    let server = lab.serve("demo/server", SERVER_PORT, AppMode::Echo)?;
+    let to_server = lab.pod("demo/server").addr(Family::V4, server.port());
+    with_kubernetes_agents(lab, |cluster| {
+        // The runtime makes the sandboxes; then the kubelet reports the addresses.
+        for pod in lab.pods() {
+            cni_add(lab, &pod.id())?;
+            cluster.server.apply(pod_object(lab, &pod.id(), true));
+        }
+        let n2 = lab.agent_log_len("n2");
+        ensure_ok(
+            &lab.connect("legacy/client", to_server, AppMode::Echo, 1024)?,
+            "legacy/client → demo/server before demo is labelled",
+        )
+        .with_context(|| format!("n2: {}", lab.agent_log_since("n2", 0).unwrap_or_default()))?;
+
+        // Label: the pods join, with the identities of their service accounts.
+        let (n1, n2) = (lab.agent_log_len("n1"), n2.max(lab.agent_log_len("n2")));
+        cluster.label_demo(true);
+        wait_for_log_line(
+            lab,
+            "n1",
+            n1,
+            &["pod joined the mesh", "demo/client"],
+            RECONCILE,
+        )?;
+        wait_for_log_line(
+            lab,
+            "n2",
+            n2,
+            &["pod joined the mesh", "demo/server"],
+            RECONCILE,
+        )?;
+        let n2 = lab.agent_log_len("n2");
+        ensure_ok(
+            &lab.connect("demo/client", to_server, AppMode::Echo, 4096)?,
+            "demo/client → demo/server once demo is labelled",
+        )?;
+        let record = access_record(lab, "n2", n2, "inbound", to_server)?;
+        ensure!(
+            field(&record, "security") == "mutual_tls"
+                && field(&record, "src_identity") == "spiffe://cluster.local/ns/demo/sa/client",
+            "demo/client should arrive through the tunnel with its identity: {record}"
+        );
+
+        // A Service from the API: its ClusterIP reaches the ready endpoint.
+        let vip = SERVICES[0].addr(Family::V4);
+        let n1 = lab.agent_log_len("n1");
+        ensure_ok(
+            &lab.connect("demo/client", vip, AppMode::Echo, 1024)?,
+            "demo/client → Service demo/server's ClusterIP",
+        )?;
+        // Logged at the endpoint it reached, naming the Service.
+        let record = access_record(lab, "n1", n1, "outbound", to_server)?;
+        ensure!(
+            field(&record, "dst_service") == "server.demo.svc.cluster.local",
+            "the outbound record should name the Service: {record}"
+        );
+
+        // Policy from the API: STRICT refuses plaintext, and is lifted again.
+        let n2 = lab.agent_log_len("n2");
+        cluster.server.apply(json!({
+            "apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+            "metadata": {"namespace": "demo", "name": "strict"},
+            "spec": {"mtls": {"mode": "STRICT"}}
+        }));
+        wait_for_log_line(
+            lab,
+            "n2",
+            n2,
+            &["cluster state", "peer_authentications=1"],
+            RECONCILE,
+        )?;
+        let legacy = lab.connect("legacy/client", to_server, AppMode::Echo, 1024)?;
+        ensure!(
+            !legacy.ok,
+            "plaintext got through under STRICT from the API: {legacy:?}"
+        );
+        let n2 = lab.agent_log_len("n2");
+        ensure!(cluster.server.delete(
+            "security.istio.io/v1",
+            "PeerAuthentication",
+            Some("demo"),
+            "strict"
+        ));
+        wait_for_log_line(
+            lab,
+            "n2",
+            n2,
+            &["cluster state", "peer_authentications=0"],
+            RECONCILE,
+        )?;
+
+        // n1's agent down: a pod of a mesh namespace waits (the kubelet retries), one
+        // of another namespace starts.
+        lab.kill_agent("n1", Signal::SIGTERM)?;
+        let waiting = lab.cni("ADD", "demo/peer")?;
+        ensure!(
+            !waiting.ok && waiting.stdout.contains("\"code\":11"),
+            "with the agent down, a mesh pod's ADD should fail with CNI's try-again-later: {waiting:?}"
+        );
+        cni_add(lab, "legacy/client").context("a pod outside the mesh starts without the agent")?;
+
+        // Restarted, the agent finds demo/client's running netns in /proc; the retried
+        // ADD brings demo/peer in.
+        let n1 = lab.agent_log_len("n1");
+        lab.start_agent_kubernetes("n1", &cluster.kubeconfig)?;
+        wait_for_log_line(
+            lab,
+            "n1",
+            n1,
+            &[
+                "found the network namespace of a running pod",
+                "demo/client",
+            ],
+            RECONCILE,
+        )?;
+        cni_add(lab, "demo/peer")?;
+        wait_for_log_line(
+            lab,
+            "n1",
+            n1,
+            &["pod joined the mesh", "demo/peer"],
+            RECONCILE,
+        )?;
+        let n2 = lab.agent_log_len("n2");
+        ensure_ok(
+            &lab.connect("demo/client", to_server, AppMode::Echo, 1024)?,
+            "demo/client → demo/server after n1's agent restarted",
+        )?;
+        let record = access_record(lab, "n2", n2, "inbound", to_server)?;
+        ensure!(field(&record, "security") == "mutual_tls", "{record}");
+
+        // Unlabel: the pods leave; legacy/client reaches demo/server directly again.
+        let (n1, n2) = (lab.agent_log_len("n1"), lab.agent_log_len("n2"));
+        cluster.label_demo(false);
+        wait_for_log_line(
+            lab,
+            "n1",
+            n1,
+            &["pod left the mesh", "demo/client"],
+            RECONCILE,
+        )?;
+        wait_for_log_line(
+            lab,
+            "n2",
+            n2,
+            &["pod left the mesh", "demo/server"],
+            RECONCILE,
+        )?;
+        ensure_ok(
+            &lab.connect("legacy/client", to_server, AppMode::Echo, 1024)?,
+            "legacy/client → demo/server after demo left the mesh",
+        )?;
+
+        // DEL is acknowledged.
+        let del = lab.cni("DEL", "demo/client")?;
+        if !del.ok {
+            bail!("warren-cni DEL failed: {del:?}");
+        }
+        Ok(())
+    })
+}

@@ -20,13 +20,15 @@ use crate::{
         procfs,
         server::{self as cni_server, CniEvent, CniServerError, Sandboxes},
     },
-    config::{Config, Control},
+    config::{CaSource, Config, Control},
     control::{
         kubernetes::KubernetesControl,
         local::{LocalConfig, LocalConfigError},
     },
     enrollment::{self, cluster::ClusterSource, prepare, Enrollment, PreparedPod, Redirection},
-    identity::{CaError, CertificateAuthority, IdentityError, SecretManager},
+    identity::{
+        remote::RemoteCa, CaClient, CaError, CertificateAuthority, IdentityError, SecretManager,
+    },
     metrics::{self, Metrics},
     netns::{Netns, NetnsError},
     policy::{self, PolicyConfig, PolicyError, PolicySet, SharedPolicy},
@@ -134,8 +136,15 @@ pub async fn run(config: Config, logs: Option<LogControl>) -> Result<(), AgentEr
 
     // Identity: the CA must be usable and every local identity gets its certificate
     // before any pod is captured (a captured pod without one could not talk).
-    let ca = CertificateAuthority::load(&config.ca_dir)?;
-    let secrets = SecretManager::new(Arc::new(ca), config.cert_lifetime);
+    let ca: Arc<dyn CaClient> = match &config.ca {
+        CaSource::Local(dir) => Arc::new(CertificateAuthority::load(dir)?),
+        CaSource::Remote {
+            address,
+            root_cert,
+            token_file,
+        } => Arc::new(RemoteCa::new(address, root_cert, token_file.clone())?),
+    };
+    let secrets = SecretManager::new(ca, config.cert_lifetime);
 
     // Pods: every enrolled pod's netns must exist, its ports must be free, and its
     // identity must get a certificate.
@@ -268,6 +277,7 @@ pub async fn run(config: Config, logs: Option<LogControl>) -> Result<(), AgentEr
                     policy: shared_policy,
                     sandboxes,
                     checked: Default::default(),
+                    last_proc_scan: None,
                 },
                 enrollment,
             ));

@@ -190,6 +190,19 @@ pub enum Control {
     },
 }
 
+/// Where workload certificates are signed.
+#[derive(Debug, Clone)]
+pub enum CaSource {
+    /// A CA directory on this machine (`--ca-dir`).
+    Local(PathBuf),
+    /// A CA service (`--ca-addr`): `warren ca serve`, or istiod.
+    Remote {
+        address: String,
+        root_cert: PathBuf,
+        token_file: Option<PathBuf>,
+    },
+}
+
 /// Everything the agent runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -203,7 +216,7 @@ pub struct Config {
     pub pin_dir: PathBuf,
     pub cgroup_root: Option<PathBuf>,
     pub trust_domain: String,
-    pub ca_dir: PathBuf,
+    pub ca: CaSource,
     pub cert_lifetime: Duration,
     pub metrics_addr: std::net::SocketAddr,
     pub admin_addr: std::net::SocketAddr,
@@ -220,8 +233,8 @@ pub enum ConfigError {
     MissingLocalConfig,
     #[error("the agent needs a CA: --ca-dir DIR (a local CA, e.g. from `warren ca init`) or --ca-addr URL (`warren ca serve`)")]
     MissingCa,
-    #[error("{0} is not supported by this agent yet")]
-    Unsupported(&'static str),
+    #[error("--ca-addr needs --ca-root-cert FILE: the root the CA's certificate (and the mesh's) chains to")]
+    MissingCaRoot,
     #[error("--policy is for --control local; with --control kubernetes the policies are the cluster's PeerAuthentication and AuthorizationPolicy objects (`kubectl apply` them)")]
     PolicyWithKubernetes,
 }
@@ -242,9 +255,13 @@ impl TryFrom<AgentArgs> for Config {
                 proc_root: args.proc_root,
             },
         };
-        let ca_dir = match (args.ca_dir, args.ca_addr) {
-            (Some(dir), _) => dir,
-            (None, Some(_)) => return Err(ConfigError::Unsupported("--ca-addr")),
+        let ca = match (args.ca_dir, args.ca_addr) {
+            (Some(dir), _) => CaSource::Local(dir),
+            (None, Some(address)) => CaSource::Remote {
+                address,
+                root_cert: args.ca_root_cert.ok_or(ConfigError::MissingCaRoot)?,
+                token_file: args.ca_token_file,
+            },
             (None, None) => return Err(ConfigError::MissingCa),
         };
         Ok(Self {
@@ -256,7 +273,7 @@ impl TryFrom<AgentArgs> for Config {
             iptables_backend: args.iptables_backend,
             cgroup_root: args.cgroup_root,
             trust_domain: args.trust_domain,
-            ca_dir,
+            ca,
             cert_lifetime: args.cert_lifetime,
             metrics_addr: args.metrics_addr,
             admin_addr: args.admin_addr,

@@ -11,6 +11,7 @@
 //! bundle and the exact SPIFFE URI SAN (see `crate::tls`); nothing checks hostnames.
 pub mod ca;
 pub mod manager;
+pub mod remote;
 pub mod spiffe;
 
 use std::{

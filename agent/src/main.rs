@@ -117,6 +117,11 @@ enum CaCommand {
         #[arg(long, value_name = "DIR")]
         dir: std::path::PathBuf,
     },
+    /// Serve the cluster's CA (Istio's certificate API over gRPC): sign the CSRs of node
+    /// agents for the pods on their node, after a TokenReview of their token. The CA is
+    /// kept in a Secret (a new root on the first start) and its root published in a
+    /// ConfigMap.
+    Serve(Box<warren::ca_service::CaServeArgs>),
 }
 
 #[derive(Debug, Subcommand)]
@@ -228,6 +233,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Ca(CaCommand::Serve(args)) => serve(warren::ca_service::run(*args)),
         Command::Ca(CaCommand::Check { dir }) => {
             match warren::identity::CertificateAuthority::load(&dir) {
                 Ok(ca) => {
@@ -248,27 +254,34 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            // Data path on a small multi-thread runtime, as ztunnel does.
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .thread_name("warren-worker")
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime,
-                Err(err) => {
-                    eprintln!("error: cannot start the async runtime: {err}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(warren::agent::run(config, Some(logs))) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(err) => {
-                    tracing::error!("{err}");
-                    eprintln!("error: {err}");
-                    ExitCode::FAILURE
-                }
-            }
+            serve(warren::agent::run(config, Some(logs)))
+        }
+    }
+}
+
+/// Run a long-lived service (the agent, the CA) to its end on a small multi-thread
+/// runtime, as ztunnel does; its error is logged and printed.
+fn serve<E: std::fmt::Display>(
+    service: impl std::future::Future<Output = Result<(), E>>,
+) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("warren-worker")
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(service) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err}");
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
         }
     }
 }

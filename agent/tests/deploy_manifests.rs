@@ -458,6 +458,13 @@ struct Agent {
 }
 
 #[derive(Debug, clap::Parser)]
+#[command(name = "warren-ca-serve")]
+struct CaServe {
+    #[command(flatten)]
+    args: warren::ca_service::CaServeArgs,
+}
+
+#[derive(Debug, clap::Parser)]
 #[command(name = "warren-uninstall")]
 struct Uninstall {
     #[command(flatten)]
@@ -1198,6 +1205,58 @@ fn ca_service_matches_the_ca_container_and_the_agents_ca_addr() {
         "deploy/{}: the CA's --trust-domain against the agent's",
         ca_doc.file
     );
+    // The same, through the CA's own parser: its certificate names the host agents dial,
+    // the agents' token audience is the one it checks, and its files go to a writable
+    // volume (the root filesystem is read-only).
+    let argv = std::iter::once("warren-ca-serve".to_owned()).chain(ca_args.iter().cloned());
+    let parsed = CaServe::try_parse_from(argv).unwrap_or_else(|e| {
+        panic!(
+            "deploy/{}: `warren ca serve` refuses its args:\n{}",
+            ca_doc.file,
+            e.render()
+        )
+    });
+    assert!(
+        parsed.args.dns_names.iter().any(|name| name == host),
+        "deploy/{}: the CA's certificate names {:?}, the agents dial {host}",
+        ca_doc.file,
+        parsed.args.dns_names
+    );
+    let (agent_doc, ds) = m.agent_daemonset();
+    let audience = pod_spec_of_ds(ds)
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| v.projected.as_ref())
+        .flat_map(|p| p.sources.iter().flatten())
+        .find_map(|source| source.service_account_token.as_ref())
+        .and_then(|token| token.audience.clone());
+    assert_eq!(
+        audience.as_deref(),
+        Some(parsed.args.token_audience.as_str()),
+        "deploy/{}: the agents' projected token audience against the CA's --token-audience",
+        agent_doc.file
+    );
+    let (mount, volume) =
+        mount_of(ca_container, ca_spec, &parsed.args.work_dir).unwrap_or_else(|| {
+            panic!(
+                "deploy/{}: the CA's --work-dir {} is on no volume ({})",
+                ca_doc.file,
+                parsed.args.work_dir.display(),
+                describe_mounts(ca_container)
+            )
+        });
+    assert!(
+        volume.empty_dir.is_some() && mount.read_only != Some(true),
+        "deploy/{}: the CA's --work-dir must be a writable emptyDir (it holds the CA key)",
+        ca_doc.file
+    );
+    assert_eq!(
+        i32::from(parsed.args.readiness_addr.port()),
+        named_port(ca_container, "http-ready").unwrap_or_default(),
+        "deploy/{}: the CA serves readiness where its probe looks",
+        ca_doc.file
+    );
 }
 
 /// Every rule granted to a ServiceAccount by the bindings in deploy/.
@@ -1474,7 +1533,6 @@ fn help(subcommand: &[&str]) -> Result<String, String> {
 }
 
 #[test]
-#[ignore = "`warren ca serve` lands in the next step of issue 7"]
 fn ca_and_install_cni_flags_are_the_binarys() {
     let m = load();
     let (ca_doc, ca) = m.ca_deployment();

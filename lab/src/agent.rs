@@ -61,7 +61,20 @@ pub enum Control<'a> {
         kubeconfig: &'a Path,
         /// `--cni-socket`.
         cni_socket: &'a Path,
+        /// Certificates from a CA service instead of the lab's CA directory.
+        remote_ca: Option<&'a RemoteCa>,
     },
+}
+
+/// A `warren ca serve` for the agents (`--ca-addr`, `--ca-root-cert`, `--ca-token-file`).
+#[derive(Clone, Debug)]
+pub struct RemoteCa {
+    /// `https://host:port`.
+    pub address: String,
+    /// The CA's published root.
+    pub root_cert: std::path::PathBuf,
+    /// The agent's service-account token.
+    pub token_file: std::path::PathBuf,
 }
 
 impl Launch<'_> {
@@ -71,9 +84,22 @@ impl Launch<'_> {
         cmd.arg("agent")
             .args(["--node", &self.node.name])
             .args(["--redirect", self.redirect.as_str()])
-            .args(["--bpf-root", BPF_PIN_ROOT])
-            .arg("--ca-dir")
-            .arg(self.ca_dir);
+            .args(["--bpf-root", BPF_PIN_ROOT]);
+        match self.control {
+            Control::Kubernetes {
+                remote_ca: Some(ca),
+                ..
+            } => {
+                cmd.args(["--ca-addr", &ca.address])
+                    .arg("--ca-root-cert")
+                    .arg(&ca.root_cert)
+                    .arg("--ca-token-file")
+                    .arg(&ca.token_file);
+            }
+            _ => {
+                cmd.arg("--ca-dir").arg(self.ca_dir);
+            }
+        }
         match self.control {
             Control::Local { config, policy_dir } => {
                 cmd.arg("--config")
@@ -84,6 +110,7 @@ impl Launch<'_> {
             Control::Kubernetes {
                 kubeconfig,
                 cni_socket,
+                ..
             } => {
                 cmd.args(["--control", "kubernetes"])
                     .arg("--cni-socket")

@@ -16,7 +16,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use sha2::{Digest as _, Sha256};
 
-use crate::agent::{self, Control, Launch};
+use crate::agent::{self, Control, Launch, RemoteCa};
 use crate::app::{self, AppClient, AppMode, AppServer, ConnectOptions, ConnectReport, LoadOptions};
 use crate::config::AgentConfig;
 use crate::enter::{self, EnterOptions};
@@ -49,6 +49,7 @@ enum StartControl<'a> {
     Kubernetes {
         kubeconfig: &'a Path,
         cni_socket: &'a Path,
+        remote_ca: Option<&'a RemoteCa>,
     },
 }
 
@@ -762,7 +763,12 @@ impl Lab {
     /// the API server that `kubeconfig` names, listening for `warren-cni` on
     /// [`Self::cni_socket`]; [`Self::start_agent`] goes back to the lab's config. Ready
     /// once it has listed the cluster and enrolled the pods it found.
-    pub fn start_agent_kubernetes(&self, node: &str, kubeconfig: &Path) -> Result<u32> {
+    pub fn start_agent_kubernetes(
+        &self,
+        node: &str,
+        kubeconfig: &Path,
+        remote_ca: Option<&RemoteCa>,
+    ) -> Result<u32> {
         let LabMode::Agents(redirect) = self.mode else {
             bail!("the lab is up without agents (mode no-agents); bring it up with agents to start one");
         };
@@ -778,6 +784,7 @@ impl Lab {
             StartControl::Kubernetes {
                 kubeconfig,
                 cni_socket: &socket,
+                remote_ca,
             },
         )
     }
@@ -877,9 +884,11 @@ impl Lab {
                 StartControl::Kubernetes {
                     kubeconfig,
                     cni_socket,
+                    remote_ca,
                 } => Control::Kubernetes {
                     kubeconfig,
                     cni_socket,
+                    remote_ca,
                 },
             },
             redirect,

@@ -52,6 +52,7 @@ mod teardown;
 pub mod topology;
 mod verify;
 
+pub use agent::RemoteCa;
 pub use app::{AppClient, AppMode, AppServer, ConnectOptions, ConnectReport, LoadOptions};
 pub use capture::{Capture, Captured};
 pub use lab::{CniRun, Lab};

@@ -138,7 +138,8 @@ impl Sandboxes {
             .insert(format!("{}/{}", sandbox.namespace, sandbox.name), sandbox);
     }
 
-    /// Forget a pod's sandbox, unless a newer sandbox (another container id) replaced it.
+    /// Forget a pod's sandbox, unless a newer sandbox (another container id) replaced it;
+    /// an empty `container_id` forgets whichever sandbox it has.
     pub fn forget(&mut self, pod: &str, container_id: &str) {
         if self
             .by_pod
@@ -149,18 +150,8 @@ impl Sandboxes {
         }
     }
 
-    /// The pods with a sandbox, as `namespace/name`.
-    pub fn names(&self) -> impl Iterator<Item = &String> {
-        self.by_pod.keys()
-    }
-
     pub fn get(&self, pod: &str) -> Option<&PodSandbox> {
         self.by_pod.get(pod)
-    }
-
-    /// Drop the sandboxes of pods no longer on this node.
-    pub fn retain(&mut self, pods: &HashSet<String>) {
-        self.by_pod.retain(|name, _| pods.contains(name));
     }
 }
 

@@ -7,7 +7,7 @@
 //! containers start captured. The pod watch may lag behind the runtime: an ADD for a
 //! pod the state does not know yet waits a little for it.
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     path::PathBuf,
     sync::Arc,
     time::Duration,
@@ -30,6 +30,8 @@ use crate::{
     workload::Workload,
 };
 
+/// How often /proc is searched again for the same pods that were not found there.
+const PROC_RESCAN: Duration = Duration::from_secs(10);
 /// How long an ADD waits for the API server to show its pod.
 const UNKNOWN_POD_WAIT: Duration = Duration::from_secs(10);
 
@@ -44,6 +46,8 @@ pub struct ClusterSource {
     pub sandboxes: Sandboxes,
     /// Sandboxes already checked for an earlier agent's rules.
     pub checked: HashSet<(String, PathBuf)>,
+    /// When /proc was last searched, and for which pods.
+    pub last_proc_scan: Option<(std::time::Instant, BTreeSet<String>)>,
 }
 
 /// The node's view of a state: the state's workloads, with the network namespace (and,
@@ -143,30 +147,31 @@ async fn apply(
         .filter(|w| w.node == source.node)
         .map(|w| w.to_string())
         .collect();
-    seen_pods.retain(|pod| present.contains(pod));
-    seen_pods.extend(present.iter().cloned());
-    let mut keep = present.clone();
-    keep.extend(
-        source
-            .sandboxes
-            .names()
-            .filter(|p| !seen_pods.contains(*p))
-            .cloned(),
-    );
-    source.sandboxes.retain(&keep);
+    for gone in seen_pods.difference(&present) {
+        source.sandboxes.forget(gone, "");
+    }
+    *seen_pods = present;
 
-    // Pods that ran before this agent: look for their netns in /proc.
+    // Pods that ran before this agent: look for their netns in /proc — when the set of
+    // such pods changes, else at most every PROC_RESCAN (each look enters every netns
+    // of the node, and states change with every pod of the cluster).
     let missing: Vec<Arc<Workload>> = state
         .config
         .enrolled_on(&source.node)
         .into_iter()
         .filter(|w| !w.ips.is_empty() && source.sandboxes.get(&w.to_string()).is_none())
         .collect();
-    if !missing.is_empty() {
+    let names: BTreeSet<String> = missing.iter().map(|w| w.to_string()).collect();
+    let due = source
+        .last_proc_scan
+        .as_ref()
+        .is_none_or(|(at, scanned)| *scanned != names || at.elapsed() >= PROC_RESCAN);
+    if !missing.is_empty() && due {
         for (pod, sandbox) in procfs::find_sandboxes(&source.proc_root, &missing) {
             tracing::info!(%pod, netns = %sandbox.netns.display(), "found the network namespace of a running pod");
             source.sandboxes.record(sandbox);
         }
+        source.last_proc_scan = Some((std::time::Instant::now(), names));
     }
 
     let local = node_config(&state, &source.node, &source.sandboxes, &source.proc_root);

@@ -413,6 +413,50 @@ impl CertificateAuthority {
         chain.extend(self.intermediates.iter().cloned());
         Ok(chain)
     }
+
+    /// A TLS server certificate for `dns_names` (a service of the mesh's control plane,
+    /// such as `warren ca serve` itself), with a new P-256 key: the chain leaf first
+    /// (then the intermediates), and the key.
+    pub fn issue_server_certificate(
+        &self,
+        dns_names: &[String],
+        lifetime: Duration,
+    ) -> Result<
+        (
+            Vec<CertificateDer<'static>>,
+            rustls_pki_types::PrivateKeyDer<'static>,
+        ),
+        CaError,
+    > {
+        let key =
+            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(CaError::Generate)?;
+        let mut params = CertificateParams::new(dns_names.to_vec()).map_err(CaError::Generate)?;
+        let now = OffsetDateTime::now_utc();
+        params.distinguished_name = DistinguishedName::new();
+        if let Some(first) = dns_names.first() {
+            params
+                .distinguished_name
+                .push(DnType::CommonName, first.as_str());
+        }
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = now - CLOCK_SKEW;
+        params.not_after = time::Duration::try_from(lifetime)
+            .ok()
+            .and_then(|lifetime| now.checked_add(lifetime))
+            .map_or(self.not_after, |end| end.min(self.not_after));
+        params.serial_number = Some(random_serial()?);
+        params.use_authority_key_identifier_extension = true;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(CaError::Generate)?;
+        let mut chain = Vec::with_capacity(1 + self.intermediates.len());
+        chain.push(cert.der().clone());
+        chain.extend(self.intermediates.iter().cloned());
+        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        Ok((chain, key))
+    }
 }
 
 impl CaClient for CertificateAuthority {

@@ -1,0 +1,544 @@
+//! `warren ca serve`: the cluster's CA as a service. Agents send a CSR per identity of
+//! their node's pods, with their projected service-account token; the service reviews
+//! the token with the API server, checks that the identity is one the caller may have
+//! ([`authorize`]), and signs. It speaks Istio's certificate API ([`grpc`]), so its
+//! clients could as well be pointed at istiod.
+//!
+//! The CA's key lives in a Secret (Istio's plug-in CA keys: `ca-cert.pem`, `ca-key.pem`,
+//! `root-cert.pem`, `cert-chain.pem` — an Istio `cacerts` Secret works as is); the
+//! first start creates a self-signed root there. The root is published in a ConfigMap
+//! that agents mount to verify this service and their peers. The service's own TLS
+//! certificate is issued by the CA at start-up for its Service's DNS names.
+pub mod authorize;
+pub mod grpc;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, StreamBody};
+use hyper::body::Frame;
+use k8s_openapi::{
+    api::core::v1::{ConfigMap, Secret},
+    ByteString,
+};
+use kube::{
+    api::{ObjectMeta, PostParams},
+    Api, Client,
+};
+use rustls_pki_types::CertificateDer;
+
+use self::{
+    authorize::Authorizer,
+    grpc::{Code, IstioCertificateRequest, IstioCertificateResponse, Status},
+};
+use crate::identity::{ca, CertificateAuthority, Identity};
+
+/// The files of a CA, as keys of its Secret.
+const CA_FILES: [&str; 4] = [
+    ca::ROOT_CERT_FILE,
+    ca::CA_CERT_FILE,
+    ca::CA_KEY_FILE,
+    ca::CERT_CHAIN_FILE,
+];
+/// The service's own certificate lives this long; it is issued anew at each start.
+const SERVING_CERT_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// `warren ca serve` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CaServeArgs {
+    /// Where to serve Istio's certificate API (gRPC over TLS).
+    #[arg(long, env = "WARREN_CA_LISTEN", default_value = "[::]:15012")]
+    pub listen: SocketAddr,
+    /// Namespace of the CA's Secret and root ConfigMap.
+    #[arg(
+        long,
+        env = "WARREN_CA_SECRET_NAMESPACE",
+        default_value = "warren-system"
+    )]
+    pub secret_namespace: String,
+    /// The Secret holding the CA (Istio's plug-in CA keys); created with a new root when
+    /// missing.
+    #[arg(long, env = "WARREN_CA_SECRET_NAME", default_value = "warren-ca")]
+    pub secret_name: String,
+    /// The ConfigMap the root certificate is published in (key `root-cert.pem`).
+    #[arg(long, default_value = "warren-ca-root")]
+    pub root_configmap: String,
+    /// SPIFFE trust domain of the identities signed.
+    #[arg(long, env = crate::config::ENV_TRUST_DOMAIN, default_value = crate::config::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// DNS names of this service's own certificate (what agents dial).
+    #[arg(
+        long = "dns-name",
+        value_delimiter = ',',
+        default_value = "warren-ca.warren-system.svc,warren-ca.warren-system.svc.cluster.local"
+    )]
+    pub dns_names: Vec<String>,
+    /// `namespace/service-account` of the node agents, which may ask for the identities
+    /// of the pods on their node.
+    #[arg(
+        long = "trusted-agent",
+        value_delimiter = ',',
+        default_value = "warren-system/warren-agent"
+    )]
+    pub trusted_agents: Vec<String>,
+    /// The audience callers' tokens must be for.
+    #[arg(long, default_value = "warren-ca")]
+    pub token_audience: String,
+    /// Longest lifetime signed, whatever is asked.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
+    pub max_lifetime: Duration,
+    /// A private directory for the CA's files while serving (an emptyDir).
+    #[arg(long, value_name = "DIR", default_value = "/var/run/warren-ca")]
+    pub work_dir: PathBuf,
+    /// Where to serve `/healthz/ready`.
+    #[arg(long, default_value = "[::]:15021")]
+    pub readiness_addr: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaServeError {
+    #[error("cannot make a Kubernetes client: {0}")]
+    Client(kube::Error),
+    #[error("cannot read or write the CA Secret {namespace}/{name}: {source}")]
+    Secret {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
+    #[error("the CA Secret {namespace}/{name} has no key {key} (it needs {CA_FILES:?}, Istio's plug-in CA layout)")]
+    SecretKey {
+        namespace: String,
+        name: String,
+        key: &'static str,
+    },
+    #[error("cannot publish the root certificate in ConfigMap {namespace}/{name}: {source}")]
+    ConfigMap {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
+    #[error("cannot use {path} for the CA's files: {source}")]
+    WorkDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Ca(#[from] ca::CaError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot set up the service's TLS: {0}")]
+    Tls(String),
+    #[error(transparent)]
+    Readiness(#[from] crate::admin::AdminError),
+}
+
+/// A CA's serving state: what signs, and who may ask.
+pub struct CaService {
+    ca: CertificateAuthority,
+    authorizer: Authorizer,
+    max_lifetime: Duration,
+}
+
+/// Start serving; runs until the process ends.
+pub async fn run(args: CaServeArgs) -> Result<(), CaServeError> {
+    let client = Client::try_default().await.map_err(CaServeError::Client)?;
+    let ca = load_or_create(&client, &args).await?;
+    publish_root(&client, &args, &ca).await?;
+    let service = Arc::new(CaService {
+        authorizer: Authorizer::new(
+            client,
+            vec![args.token_audience.clone()],
+            args.trusted_agents.clone(),
+            args.trust_domain.clone(),
+        ),
+        ca,
+        max_lifetime: args.max_lifetime,
+    });
+    let tls = service.tls_config(&args.dns_names)?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| CaServeError::Listen {
+            addr: args.listen,
+            source,
+        })?;
+    let readiness = crate::admin::Readiness::new();
+    tokio::spawn(crate::admin::serve_readiness(
+        crate::admin::bind_readiness(args.readiness_addr).await?,
+        readiness.clone(),
+    ));
+    readiness.started();
+    tracing::info!(listen = %args.listen, dns_names = ?args.dns_names, trusted_agents = ?args.trusted_agents, "CA serving Istio's certificate API");
+    serve(listener, tls, service).await;
+    Ok(())
+}
+
+impl CaService {
+    pub fn new(ca: CertificateAuthority, authorizer: Authorizer, max_lifetime: Duration) -> Self {
+        Self {
+            ca,
+            authorizer,
+            max_lifetime,
+        }
+    }
+
+    /// The service's TLS: a certificate from the CA for `dns_names`, ALPN h2.
+    pub fn tls_config(
+        &self,
+        dns_names: &[String],
+    ) -> Result<Arc<rustls::ServerConfig>, CaServeError> {
+        let (chain, key) = self
+            .ca
+            .issue_server_certificate(dns_names, SERVING_CERT_LIFETIME)?;
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|err| CaServeError::Tls(err.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|err| CaServeError::Tls(err.to_string()))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    /// Answer one CreateCertificate call.
+    pub async fn create_certificate(
+        &self,
+        token: Option<&str>,
+        request: IstioCertificateRequest,
+    ) -> Result<IstioCertificateResponse, Status> {
+        let Some(token) = token else {
+            return Err(Status::new(
+                Code::Unauthenticated,
+                "no bearer token: send the service-account token in the authorization header",
+            ));
+        };
+        let caller = self.authorizer.authenticate(token).await?;
+        let csr = csr_der(&request.csr).ok_or_else(|| {
+            Status::new(
+                Code::InvalidArgument,
+                "csr is not a PEM certificate request",
+            )
+        })?;
+        let requested = match request.impersonated_identity() {
+            Some(identity) => Identity::parse(identity),
+            None => csr_identity(&csr),
+        }
+        .map_err(|err| {
+            Status::new(
+                Code::InvalidArgument,
+                format!("the requested identity: {err}"),
+            )
+        })?;
+        if let Err(status) = self.authorizer.authorize(&caller, &requested).await {
+            tracing::warn!(%caller, identity = %requested, "certificate refused: {}", status.message);
+            return Err(status);
+        }
+        let asked = Duration::from_secs(request.validity_duration.max(0) as u64);
+        let lifetime = if asked.is_zero() {
+            self.max_lifetime
+        } else {
+            asked.min(self.max_lifetime)
+        };
+        let chain = self
+            .ca
+            .sign_csr(&csr, &requested, lifetime)
+            .map_err(|err| Status::new(Code::InvalidArgument, err.to_string()))?;
+        tracing::info!(%caller, identity = %requested, ?lifetime, "certificate signed");
+        let mut pems: Vec<String> = chain.iter().map(|c| to_pem(c)).collect();
+        // Istio's chains end with the root.
+        if let Some(root) = self.ca.roots().first() {
+            pems.push(to_pem(root));
+        }
+        Ok(IstioCertificateResponse { cert_chain: pems })
+    }
+}
+
+/// The CA from its Secret, or a new root stored there on the first start.
+async fn load_or_create(
+    client: &Client,
+    args: &CaServeArgs,
+) -> Result<CertificateAuthority, CaServeError> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &args.secret_namespace);
+    let secret_error = |source| CaServeError::Secret {
+        namespace: args.secret_namespace.clone(),
+        name: args.secret_name.clone(),
+        source,
+    };
+    let dir = &args.work_dir;
+    loop {
+        clear_work_dir(dir)?;
+        if let Some(secret) = secrets
+            .get_opt(&args.secret_name)
+            .await
+            .map_err(secret_error)?
+        {
+            let data = secret.data.unwrap_or_default();
+            for key in CA_FILES {
+                let value = data.get(key).ok_or_else(|| CaServeError::SecretKey {
+                    namespace: args.secret_namespace.clone(),
+                    name: args.secret_name.clone(),
+                    key,
+                })?;
+                write_private(&dir.join(key), &value.0)?;
+            }
+            let ca = CertificateAuthority::load(dir)?;
+            tracing::info!(secret = %format!("{}/{}", args.secret_namespace, args.secret_name), "CA loaded from its Secret");
+            return Ok(ca);
+        }
+        CertificateAuthority::init(dir, &args.trust_domain)?;
+        let mut data = BTreeMap::new();
+        for key in CA_FILES {
+            let bytes = std::fs::read(dir.join(key)).map_err(|source| CaServeError::WorkDir {
+                path: dir.join(key),
+                source,
+            })?;
+            data.insert(key.to_owned(), ByteString(bytes));
+        }
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(args.secret_name.clone()),
+                namespace: Some(args.secret_namespace.clone()),
+                ..ObjectMeta::default()
+            },
+            data: Some(data),
+            type_: Some("Opaque".to_owned()),
+            ..Secret::default()
+        };
+        match secrets.create(&PostParams::default(), &secret).await {
+            Ok(_) => {
+                tracing::info!(secret = %format!("{}/{}", args.secret_namespace, args.secret_name), "created a new root CA and stored it in its Secret");
+                return Ok(CertificateAuthority::load(dir)?);
+            }
+            // Another replica was first: use its CA.
+            Err(kube::Error::Api(status)) if status.code == 409 => continue,
+            Err(err) => return Err(secret_error(err)),
+        }
+    }
+}
+
+/// Put `root-cert.pem` in the root ConfigMap, creating or updating it.
+async fn publish_root(
+    client: &Client,
+    args: &CaServeArgs,
+    ca: &CertificateAuthority,
+) -> Result<(), CaServeError> {
+    let root_pem: String = ca.roots().iter().map(|c| to_pem(c)).collect();
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), &args.secret_namespace);
+    let error = |source| CaServeError::ConfigMap {
+        namespace: args.secret_namespace.clone(),
+        name: args.root_configmap.clone(),
+        source,
+    };
+    let wanted = BTreeMap::from([(ca::ROOT_CERT_FILE.to_owned(), root_pem)]);
+    match configmaps
+        .get_opt(&args.root_configmap)
+        .await
+        .map_err(error)?
+    {
+        Some(existing) if existing.data.as_ref() == Some(&wanted) => Ok(()),
+        Some(mut existing) => {
+            existing.data = Some(wanted);
+            configmaps
+                .replace(&args.root_configmap, &PostParams::default(), &existing)
+                .await
+                .map_err(error)?;
+            Ok(())
+        }
+        None => {
+            let configmap = ConfigMap {
+                metadata: ObjectMeta {
+                    name: Some(args.root_configmap.clone()),
+                    namespace: Some(args.secret_namespace.clone()),
+                    ..ObjectMeta::default()
+                },
+                data: Some(wanted),
+                ..ConfigMap::default()
+            };
+            configmaps
+                .create(&PostParams::default(), &configmap)
+                .await
+                .map_err(error)?;
+            Ok(())
+        }
+    }
+}
+
+fn clear_work_dir(dir: &Path) -> Result<(), CaServeError> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    let error = |source| CaServeError::WorkDir {
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(error)?;
+    for key in CA_FILES {
+        match std::fs::remove_file(dir.join(key)) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(error(err)),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CaServeError> {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|source| CaServeError::WorkDir {
+            path: path.to_owned(),
+            source,
+        })?;
+    file.write_all(bytes)
+        .map_err(|source| CaServeError::WorkDir {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// The identity a CSR asks for: its URI SAN.
+fn csr_identity(csr: &[u8]) -> Result<Identity, crate::identity::IdentityError> {
+    let params = rcgen::CertificateSigningRequestParams::from_der(
+        &rustls_pki_types::CertificateSigningRequestDer::from(csr),
+    );
+    let uri = params.ok().and_then(|p| {
+        p.params
+            .subject_alt_names
+            .into_iter()
+            .find_map(|san| match san {
+                rcgen::SanType::URI(uri) => Some(uri.as_str().to_owned()),
+                _ => None,
+            })
+    });
+    Identity::parse(uri.as_deref().unwrap_or_default())
+}
+
+/// The DER of a PEM `CERTIFICATE REQUEST`.
+fn csr_der(text: &str) -> Option<Vec<u8>> {
+    use rustls_pki_types::pem::PemObject as _;
+    rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(text.as_bytes())
+        .ok()
+        .map(|der| der.as_ref().to_vec())
+}
+
+pub fn to_pem(cert: &CertificateDer<'_>) -> String {
+    pem::encode(&pem::Pem::new("CERTIFICATE", cert.as_ref().to_vec()))
+}
+
+/// Accept TLS connections and serve HTTP/2 on each, until the listener fails for good.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    service: Arc<CaService>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                tracing::warn!(error = %err, "CA: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let service = service.clone();
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(
+                Duration::from_secs(10),
+                acceptor.accept(stream),
+            )
+            .await
+            {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(err)) => {
+                    tracing::debug!(%peer, error = %err, "CA: TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let handler = hyper::service::service_fn(move |request| {
+                let service = service.clone();
+                async move { Ok::<_, std::convert::Infallible>(answer(&service, request).await) }
+            });
+            if let Err(err) =
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), handler)
+                    .await
+            {
+                tracing::debug!(%peer, error = %err, "CA: connection ended");
+            }
+        });
+    }
+}
+
+type GrpcBody = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+
+async fn answer(
+    service: &CaService,
+    request: http::Request<hyper::body::Incoming>,
+) -> http::Response<GrpcBody> {
+    let outcome = async {
+        if request.uri().path() != grpc::CREATE_CERTIFICATE {
+            return Err(Status::new(
+                Code::InvalidArgument,
+                format!("unknown method {}", request.uri().path()),
+            ));
+        }
+        let token = request
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_owned);
+        let body = http_body_util::Limited::new(request.into_body(), grpc::MAX_MESSAGE + 5)
+            .collect()
+            .await
+            .map_err(|err| {
+                Status::new(
+                    Code::InvalidArgument,
+                    format!("cannot read the request: {err}"),
+                )
+            })?
+            .to_bytes();
+        let message: IstioCertificateRequest = grpc::unframe(body)?;
+        service.create_certificate(token.as_deref(), message).await
+    }
+    .await;
+    let (data, status) = match outcome {
+        Ok(response) => (Some(grpc::frame(&response)), Status::new(Code::Ok, "")),
+        Err(status) => (None, status),
+    };
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", (status.code as u32).into());
+    if let Ok(message) = http::HeaderValue::from_str(&grpc::encode_message(&status.message)) {
+        trailers.insert("grpc-message", message);
+    }
+    let frames = data
+        .map(Frame::data)
+        .into_iter()
+        .chain(std::iter::once(Frame::trailers(trailers)))
+        .map(Ok::<_, std::convert::Infallible>);
+    http::Response::builder()
+        .status(200)
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .body(StreamBody::new(futures_util::stream::iter(frames)).boxed())
+        .unwrap_or_else(|_| http::Response::new(Full::new(Bytes::new()).boxed()))
+}

@@ -173,14 +173,14 @@ impl KubernetesControl {
 
         let mut objects = policy::PolicyObjects::default();
         let first = build(&stores, &mut objects, &policy_config);
-        log_state(&first);
+        let mut logged = log_state(&first, None);
         let (publish, state) = watch::channel(Arc::new(first));
         tasks.push(tokio::spawn(async move {
             loop {
                 changed.notified().await;
                 tokio::time::sleep(COALESCE).await;
                 let next = build(&stores, &mut objects, &policy_config);
-                log_state(&next);
+                logged = log_state(&next, Some(&logged));
                 if publish.send(Arc::new(next)).is_err() {
                     return;
                 }
@@ -290,19 +290,44 @@ fn build(
     }
 }
 
-fn log_state(state: &ClusterState) {
-    for error in &state.policy_errors {
-        tracing::warn!("policy from the cluster not read: {error}");
-    }
+/// Log a state: at info (and its policy errors as warnings) when its summary differs
+/// from the `previous` one logged — a namespace enrolled, a pod joined, a policy
+/// applied or refused — else at debug: every pod change in the cluster makes a state.
+/// Returns the summary.
+fn log_state(state: &ClusterState, previous: Option<&str>) -> String {
     let mut enrolled: Vec<&String> = state.config.mesh_namespaces.iter().collect();
     enrolled.sort();
-    tracing::info!(
-        namespaces = ?enrolled,
-        workloads = state.config.workloads.len(),
-        services = state.config.services.len(),
-        in_mesh = state.config.workloads.iter().filter(|w| w.in_mesh).count(),
-        peer_authentications = state.policies.peer_authentications().len(),
-        authorization_policies = state.policies.authorization_policies().len(),
-        "cluster state"
+    let in_mesh = state.config.workloads.iter().filter(|w| w.in_mesh).count();
+    let peer_authentications = state.policies.peer_authentications().len();
+    let authorization_policies = state.policies.authorization_policies().len();
+    let summary = format!(
+        "{enrolled:?} {in_mesh} {} {peer_authentications} {authorization_policies} {:?}",
+        state.config.services.len(),
+        state.policy_errors
     );
+    let changed = previous != Some(summary.as_str());
+    if changed {
+        for error in &state.policy_errors {
+            tracing::warn!("policy from the cluster not read: {error}");
+        }
+    }
+    macro_rules! log_at {
+        ($level:ident) => {
+            tracing::$level!(
+                namespaces = ?enrolled,
+                workloads = state.config.workloads.len(),
+                services = state.config.services.len(),
+                in_mesh,
+                peer_authentications,
+                authorization_policies,
+                "cluster state"
+            )
+        };
+    }
+    if changed {
+        log_at!(info);
+    } else {
+        log_at!(debug);
+    }
+    summary
 }

@@ -729,64 +729,60 @@ impl Lab {
     /// Start `node`'s agent (after [`Self::kill_agent`]) and wait until it is ready;
     /// returns its pid.
     pub fn start_agent(&self, node: &str) -> Result<u32> {
-        let LabMode::Agents(redirect) = self.mode else {
-            bail!("the lab is up without agents (mode no-agents); bring it up with agents to start one");
-        };
-        self.start_agent_with_redirect(node, redirect)
+        self.start_stopped_agent(node, None, StartControl::Local(None))
     }
 
     /// Start the agent of `node` with `redirect` instead of the lab's own mode (to switch
     /// a node between modes); [`Self::start_agent`] goes back to the lab's mode.
     pub fn start_agent_with_redirect(&self, node: &str, redirect: RedirectMode) -> Result<u32> {
-        let lock = self.dir.lock()?;
-        if let Some(pid) = self.agent_pid(node) {
-            bail!("the agent of {node} is already running (pid {pid}); kill it first");
-        }
-        self.start_agent_locked(&lock, node, redirect, StartControl::Local(None))
+        self.start_stopped_agent(node, Some(redirect), StartControl::Local(None))
     }
 
     /// Start the agent of `node` in the lab's mode with its own `config` instead of
     /// `lab.yaml` (which every agent watches), to give one node a view of its own;
     /// [`Self::start_agent`] goes back to the lab's config.
     pub fn start_agent_with_config(&self, node: &str, config: &Path) -> Result<u32> {
-        let LabMode::Agents(redirect) = self.mode else {
-            bail!("the lab is up without agents (mode no-agents); bring it up with agents to start one");
-        };
-        let lock = self.dir.lock()?;
-        if let Some(pid) = self.agent_pid(node) {
-            bail!("the agent of {node} is already running (pid {pid}); kill it first");
-        }
-        self.start_agent_locked(&lock, node, redirect, StartControl::Local(Some(config)))
+        self.start_stopped_agent(node, None, StartControl::Local(Some(config)))
     }
 
     /// Start the agent of `node` in the lab's mode with `--control kubernetes`, against
     /// the API server that `kubeconfig` names, listening for `warren-cni` on
-    /// [`Self::cni_socket`]; [`Self::start_agent`] goes back to the lab's config. Ready
-    /// once it has listed the cluster and enrolled the pods it found.
+    /// [`Self::cni_socket`], with certificates from `remote_ca` when given (else the
+    /// lab's CA); [`Self::start_agent`] goes back to the lab's config. Ready once it has
+    /// listed the cluster and enrolled the pods it found.
     pub fn start_agent_kubernetes(
         &self,
         node: &str,
         kubeconfig: &Path,
         remote_ca: Option<&RemoteCa>,
     ) -> Result<u32> {
-        let LabMode::Agents(redirect) = self.mode else {
-            bail!("the lab is up without agents (mode no-agents); bring it up with agents to start one");
-        };
-        let lock = self.dir.lock()?;
-        if let Some(pid) = self.agent_pid(node) {
-            bail!("the agent of {node} is already running (pid {pid}); kill it first");
-        }
         let socket = self.cni_socket(node);
-        self.start_agent_locked(
-            &lock,
+        self.start_stopped_agent(
             node,
-            redirect,
+            None,
             StartControl::Kubernetes {
                 kubeconfig,
                 cni_socket: &socket,
                 remote_ca,
             },
         )
+    }
+
+    /// Start a node's agent that is not running: in `redirect` mode, else the lab's.
+    fn start_stopped_agent(
+        &self,
+        node: &str,
+        redirect: Option<RedirectMode>,
+        control: StartControl<'_>,
+    ) -> Result<u32> {
+        let LabMode::Agents(lab_redirect) = self.mode else {
+            bail!("the lab is up without agents (mode no-agents); bring it up with agents to start one");
+        };
+        let lock = self.dir.lock()?;
+        if let Some(pid) = self.agent_pid(node) {
+            bail!("the agent of {node} is already running (pid {pid}); kill it first");
+        }
+        self.start_agent_locked(&lock, node, redirect.unwrap_or(lab_redirect), control)
     }
 
     /// Where `node`'s Kubernetes-mode agent listens for `warren-cni`.

@@ -16,10 +16,7 @@ use tokio::io::unix::AsyncFd;
 
 use crate::{
     admin::{self, AdminError, AdminState, LogControl, Readiness},
-    cni::{
-        procfs,
-        server::{self as cni_server, CniEvent, CniServerError, Sandboxes},
-    },
+    cni::server::{self as cni_server, CniServerError},
     config::{CaSource, Config, Control},
     control::{
         kubernetes::KubernetesControl,
@@ -259,27 +256,11 @@ pub async fn run(config: Config, logs: Option<LogControl>) -> Result<(), AgentEr
                 enrollment,
             ));
         }
-        Followed::Cluster(started) => {
-            let StartedCluster {
-                control,
-                cni,
-                cni_socket,
-                proc_root,
-                sandboxes,
-            } = *started;
+        Followed::Cluster(source) => {
             tokio::spawn(enrollment::cluster::follow(
-                ClusterSource {
-                    node: config.node.clone(),
-                    control,
-                    cni,
-                    cni_socket,
-                    proc_root,
-                    policy: shared_policy,
-                    sandboxes,
-                    checked: Default::default(),
-                    last_proc_scan: None,
-                },
+                *source,
                 enrollment,
+                shared_policy,
             ));
         }
     }
@@ -301,20 +282,9 @@ struct Start {
 
 enum Followed {
     /// The config file, and the text it had at start-up (what the watch compares).
-    File {
-        path: PathBuf,
-        text: String,
-    },
-    Cluster(Box<StartedCluster>),
-}
-
-/// The cluster's watches and the CNI socket, listening since before the first state.
-struct StartedCluster {
-    control: KubernetesControl,
-    cni: mpsc::Receiver<CniEvent>,
-    cni_socket: PathBuf,
-    proc_root: PathBuf,
-    sandboxes: Sandboxes,
+    File { path: PathBuf, text: String },
+    /// The cluster's watches and the CNI socket, listening since before the first state.
+    Cluster(Box<ClusterSource>),
 }
 
 fn start_local(
@@ -369,10 +339,16 @@ async fn start_cluster(
             }
         }
     };
-    let state = control.current();
-    let mut sandboxes = Sandboxes::default();
+    let mut source = ClusterSource::new(
+        node.to_owned(),
+        control,
+        cni,
+        cni_socket.to_owned(),
+        proc_root.to_owned(),
+    );
     // Every pod of this node, in the mesh or not: one that left the mesh while no agent
     // ran may still hold an earlier agent's iptables rules, removed below.
+    let state = source.state();
     let running: Vec<Arc<Workload>> = state
         .config
         .workloads
@@ -380,22 +356,13 @@ async fn start_cluster(
         .filter(|w| w.node == node && !w.ips.is_empty())
         .cloned()
         .collect();
-    for (pod, sandbox) in procfs::find_sandboxes(proc_root, &running) {
-        tracing::info!(%pod, netns = %sandbox.netns.display(), "found the network namespace of a running pod");
-        sandboxes.record(sandbox);
-    }
-    let local = enrollment::cluster::node_config(&state, node, &sandboxes, proc_root);
+    source.find_running(&running);
+    let local = source.node_config(&state);
     Ok(Start {
-        workloads: enrollment::cluster::servable(&local, node),
+        workloads: source.servable(&local),
         local,
         policy: state.policies.clone(),
-        followed: Followed::Cluster(Box::new(StartedCluster {
-            control,
-            cni,
-            cni_socket: cni_socket.to_owned(),
-            proc_root: proc_root.to_owned(),
-            sandboxes,
-        })),
+        followed: Followed::Cluster(Box::new(source)),
     })
 }
 
@@ -483,24 +450,13 @@ fn remove_iptables_rules<'a>(netns_paths: impl Iterator<Item = &'a Path>) {
 /// to a pod are the node's — kubelet's health probes — and are let through whatever the
 /// pod's mTLS mode, without rewriting any address.
 fn node_addresses() -> HashSet<IpAddr> {
-    let addresses = match nix::ifaddrs::getifaddrs() {
-        Ok(addresses) => addresses,
+    match crate::netns::interface_addresses() {
+        Ok(addresses) => addresses.into_iter().collect(),
         Err(err) => {
             tracing::warn!(error = %err, "cannot list the node's addresses; health probes from the node will be treated as any other plaintext client");
-            return HashSet::new();
+            HashSet::new()
         }
-    };
-    addresses
-        .filter_map(|ifaddr| {
-            let address = ifaddr.address?;
-            if let Some(v4) = address.as_sockaddr_in() {
-                Some(IpAddr::V4(v4.ip()))
-            } else {
-                address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
-            }
-        })
-        .filter(|ip| !ip.is_loopback())
-        .collect()
+    }
 }
 
 /// Relay log records of the kernel programs (aya-log) into the agent's log.

@@ -155,16 +155,13 @@ pub async fn run(args: CaServeArgs) -> Result<(), CaServeError> {
     let client = Client::try_default().await.map_err(CaServeError::Client)?;
     let ca = load_or_create(&client, &args).await?;
     publish_root(&client, &args, &ca).await?;
-    let service = Arc::new(CaService {
-        authorizer: Authorizer::new(
-            client,
-            vec![args.token_audience.clone()],
-            args.trusted_agents.clone(),
-            args.trust_domain.clone(),
-        ),
-        ca,
-        max_lifetime: args.max_lifetime,
-    });
+    let authorizer = Authorizer::new(
+        client,
+        vec![args.token_audience.clone()],
+        args.trusted_agents.clone(),
+        args.trust_domain.clone(),
+    );
+    let service = Arc::new(CaService::new(ca, authorizer, args.max_lifetime));
     let tls = service.tls_config(&args.dns_names)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -7,6 +7,10 @@ use crate::redirect::{iptables::BackendChoice, KernelFeature, RedirectMode};
 /// Where warren pins its eBPF programs and maps (`<dir>/<node>`).
 pub const DEFAULT_BPF_ROOT: &str = "/sys/fs/bpf/warren";
 
+/// Where the node's /proc is unless told otherwise (in a pod, the host's is mounted
+/// elsewhere).
+pub const DEFAULT_PROC_ROOT: &str = "/proc";
+
 /// Where `warren-cni` finds the agent unless told otherwise.
 pub const DEFAULT_CNI_SOCKET: &str = "/var/run/warren/cni.sock";
 
@@ -64,7 +68,7 @@ pub struct AgentArgs {
         long,
         env = "WARREN_PROC_ROOT",
         value_name = "DIR",
-        default_value = "/proc"
+        default_value = DEFAULT_PROC_ROOT
     )]
     pub proc_root: PathBuf,
 

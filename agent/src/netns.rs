@@ -111,6 +111,22 @@ impl Netns {
     }
 }
 
+/// The non-loopback addresses of the interfaces of the calling thread's netns (run it in
+/// a pod's with [`Netns::run`]).
+pub fn interface_addresses() -> nix::Result<Vec<std::net::IpAddr>> {
+    use std::net::IpAddr;
+    Ok(nix::ifaddrs::getifaddrs()?
+        .filter_map(|ifaddr| {
+            let address = ifaddr.address?;
+            let ip = match address.as_sockaddr_in() {
+                Some(v4) => IpAddr::V4(v4.ip()),
+                None => IpAddr::V6(address.as_sockaddr_in6()?.ip()),
+            };
+            (!ip.is_loopback()).then_some(ip.to_canonical())
+        })
+        .collect())
+}
+
 impl AsFd for Netns {
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.file.as_fd()

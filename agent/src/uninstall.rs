@@ -29,7 +29,7 @@ pub struct UninstallArgs {
         long,
         env = "WARREN_PROC_ROOT",
         value_name = "DIR",
-        default_value = "/proc"
+        default_value = crate::config::DEFAULT_PROC_ROOT
     )]
     pub proc_root: PathBuf,
 

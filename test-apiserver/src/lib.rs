@@ -167,6 +167,12 @@ struct Shared {
 }
 
 impl Shared {
+    /// Wake the watches: there is a new resourceVersion.
+    fn notify(&self) {
+        let version = self.lock().resource_version;
+        self.signal.send_modify(|s| s.resource_version = version);
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A test that panicked while holding the lock poisons it; the state is still whole.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -262,7 +268,7 @@ impl TestApiServer {
             .unwrap_or_else(|| panic!("the test API server does not serve {object}"));
         let stored = state.store(&ty, object);
         drop(state);
-        self.notify();
+        self.shared.notify();
         stored
     }
 
@@ -274,15 +280,9 @@ impl TestApiServer {
         namespace: Option<&str>,
         name: &str,
     ) -> bool {
-        let group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
-        let key = (
-            group.to_owned(),
-            kind.to_owned(),
-            namespace.unwrap_or_default().to_owned(),
-            name.to_owned(),
-        );
+        let key = object_key(api_version, kind, namespace, name);
         let deleted = self.shared.lock().remove(&key).is_some();
-        self.notify();
+        self.shared.notify();
         deleted
     }
 
@@ -294,13 +294,7 @@ impl TestApiServer {
         namespace: Option<&str>,
         name: &str,
     ) -> Option<Value> {
-        let group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
-        let key = (
-            group.to_owned(),
-            kind.to_owned(),
-            namespace.unwrap_or_default().to_owned(),
-            name.to_owned(),
-        );
+        let key = object_key(api_version, kind, namespace, name);
         self.shared.lock().objects.get(&key).cloned()
     }
 
@@ -363,13 +357,6 @@ impl TestApiServer {
     /// Every request answered so far, in order.
     pub fn requests(&self) -> Vec<Request> {
         self.shared.lock().requests.clone()
-    }
-
-    fn notify(&self) {
-        let version = self.shared.lock().resource_version;
-        self.shared
-            .signal
-            .send_modify(|s| s.resource_version = version);
     }
 }
 
@@ -790,7 +777,7 @@ fn route(
             }
             let stored = state.store(&target.ty, object);
             drop(state);
-            notify(shared);
+            shared.notify();
             json_response(201, &at_version(&target, stored))
         }
         (Method::PUT, Some(name)) => {
@@ -817,13 +804,13 @@ fn route(
             }
             let stored = state.store(&target.ty, object);
             drop(state);
-            notify(shared);
+            shared.notify();
             json_response(200, &at_version(&target, stored))
         }
         (Method::DELETE, Some(name)) => match state.remove(&key(&target, name)) {
             Some(object) => {
                 drop(state);
-                notify(shared);
+                shared.notify();
                 json_response(200, &at_version(&target, object))
             }
             None => not_found(&target, name),
@@ -836,9 +823,15 @@ fn route(
     }
 }
 
-fn notify(shared: &Arc<Shared>) {
-    let version = shared.lock().resource_version;
-    shared.signal.send_modify(|s| s.resource_version = version);
+/// Where the object `apiVersion`/`kind` `namespace`/`name` is kept.
+fn object_key(api_version: &str, kind: &str, namespace: Option<&str>, name: &str) -> Key {
+    let group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
+    (
+        group.to_owned(),
+        kind.to_owned(),
+        namespace.unwrap_or_default().to_owned(),
+        name.to_owned(),
+    )
 }
 
 fn key(target: &Target, name: &str) -> Key {

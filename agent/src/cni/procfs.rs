@@ -79,20 +79,7 @@ fn namespace_id(path: &Path) -> Option<(u64, u64)> {
 /// The non-loopback addresses of the interfaces in the namespace at `path`.
 fn addresses_in(path: &Path) -> Option<Vec<IpAddr>> {
     let netns = Netns::open(path).ok()?;
-    let addresses = netns.run(nix::ifaddrs::getifaddrs).ok()?.ok()?;
-    Some(
-        addresses
-            .filter_map(|ifaddr| {
-                let address = ifaddr.address?;
-                let ip = if let Some(v4) = address.as_sockaddr_in() {
-                    IpAddr::V4(v4.ip())
-                } else {
-                    IpAddr::V6(address.as_sockaddr_in6()?.ip())
-                };
-                (!ip.is_loopback()).then_some(ip.to_canonical())
-            })
-            .collect(),
-    )
+    netns.run(crate::netns::interface_addresses).ok()?.ok()
 }
 
 /// A netns path as the agent can open it: `/proc/...` paths the runtime reports are

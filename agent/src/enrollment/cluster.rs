@@ -35,25 +35,69 @@ const PROC_RESCAN: Duration = Duration::from_secs(10);
 /// How long an ADD waits for the API server to show its pod.
 const UNKNOWN_POD_WAIT: Duration = Duration::from_secs(10);
 
-/// What the follow loop reads from.
+/// What the follow loop reads from, and what it remembers between states.
 pub struct ClusterSource {
-    pub node: String,
-    pub control: KubernetesControl,
-    pub cni: mpsc::Receiver<CniEvent>,
-    pub cni_socket: PathBuf,
-    pub proc_root: PathBuf,
-    pub policy: Arc<SharedPolicy>,
-    pub sandboxes: Sandboxes,
+    node: String,
+    control: KubernetesControl,
+    cni: mpsc::Receiver<CniEvent>,
+    cni_socket: PathBuf,
+    proc_root: PathBuf,
+    sandboxes: Sandboxes,
     /// Sandboxes already checked for an earlier agent's rules.
-    pub checked: HashSet<(String, PathBuf)>,
+    checked: HashSet<(String, PathBuf)>,
     /// When /proc was last searched, and for which pods.
-    pub last_proc_scan: Option<(std::time::Instant, BTreeSet<String>)>,
+    last_proc_scan: Option<(std::time::Instant, BTreeSet<String>)>,
+}
+
+impl ClusterSource {
+    /// The cluster's watches (listed once) and the CNI socket's requests, for `node`.
+    pub fn new(
+        node: String,
+        control: KubernetesControl,
+        cni: mpsc::Receiver<CniEvent>,
+        cni_socket: PathBuf,
+        proc_root: PathBuf,
+    ) -> Self {
+        Self {
+            node,
+            control,
+            cni,
+            cni_socket,
+            proc_root,
+            sandboxes: Sandboxes::default(),
+            checked: HashSet::new(),
+            last_proc_scan: None,
+        }
+    }
+
+    /// The cluster's state now.
+    pub fn state(&self) -> Arc<ClusterState> {
+        self.control.current()
+    }
+
+    /// `state` as this node sees it: see [`node_config`].
+    pub fn node_config(&self, state: &ClusterState) -> LocalConfig {
+        node_config(state, &self.node, &self.sandboxes, &self.proc_root)
+    }
+
+    /// This node's pods in the mesh that can be served: see [`servable`].
+    pub fn servable(&self, local: &LocalConfig) -> Vec<Arc<Workload>> {
+        servable(local, &self.node)
+    }
+
+    /// Look for `pods`' network namespaces in /proc and record those found.
+    pub fn find_running(&mut self, pods: &[Arc<Workload>]) {
+        for (pod, sandbox) in procfs::find_sandboxes(&self.proc_root, pods) {
+            tracing::info!(%pod, netns = %sandbox.netns.display(), "found the network namespace of a running pod");
+            self.sandboxes.record(sandbox);
+        }
+    }
 }
 
 /// The node's view of a state: the state's workloads, with the network namespace (and,
 /// before the kubelet writes them, the addresses) of this node's pods filled in from
 /// their sandboxes.
-pub fn node_config(
+fn node_config(
     state: &ClusterState,
     node: &str,
     sandboxes: &Sandboxes,
@@ -88,7 +132,7 @@ pub fn node_config(
 }
 
 /// This node's pods in the mesh that can be served (their netns is known).
-pub fn servable(local: &LocalConfig, node: &str) -> Vec<Arc<Workload>> {
+fn servable(local: &LocalConfig, node: &str) -> Vec<Arc<Workload>> {
     local
         .enrolled_on(node)
         .into_iter()
@@ -96,11 +140,17 @@ pub fn servable(local: &LocalConfig, node: &str) -> Vec<Arc<Workload>> {
         .collect()
 }
 
-/// Run until the control's states end (never, while the agent runs).
-pub async fn follow(mut source: ClusterSource, mut enrollment: Enrollment) {
+/// Run until the control's states end (never, while the agent runs): serve this node's
+/// pods as the cluster and the CNI plugin say, with the cluster's policies in `policy`.
+pub async fn follow(source: ClusterSource, enrollment: Enrollment, policy: Arc<SharedPolicy>) {
     let mut states = source.control.subscribe();
-    let mut seen_pods: HashSet<String> = HashSet::new();
-    let mut failed = apply(&mut source, &mut enrollment, &mut seen_pods).await;
+    let mut follower = Follower {
+        source,
+        enrollment,
+        policy,
+        seen_pods: HashSet::new(),
+    };
+    let mut failed = follower.apply().await;
     let mut retry = tokio::time::interval(POLL_INTERVAL);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -109,151 +159,148 @@ pub async fn follow(mut source: ClusterSource, mut enrollment: Enrollment) {
                 if changed.is_err() {
                     return;
                 }
-                failed = apply(&mut source, &mut enrollment, &mut seen_pods).await;
+                failed = follower.apply().await;
             }
-            Some(event) = source.cni.recv() => {
-                let (reply, now_failed) =
-                    handle_cni(&mut source, &mut enrollment, &mut seen_pods, event.request).await;
+            Some(event) = follower.source.cni.recv() => {
+                let (reply, now_failed) = follower.handle_cni(event.request).await;
                 failed = now_failed;
                 let _ = event.reply.send(reply);
             }
             _ = retry.tick(), if !failed.is_empty() => {
-                failed = apply(&mut source, &mut enrollment, &mut seen_pods).await;
+                failed = follower.apply().await;
             }
         }
     }
 }
 
-/// Bring the node in line with the current state. Returns the pods that failed.
-async fn apply(
-    source: &mut ClusterSource,
-    enrollment: &mut Enrollment,
-    seen_pods: &mut HashSet<String>,
-) -> BTreeMap<String, String> {
-    let state = source.control.current();
-    if let Err(err) =
-        server::write_mesh_namespaces(&source.cni_socket, &state.config.mesh_namespaces)
-    {
-        tracing::warn!(error = %err, "cannot write the mesh namespaces for warren-cni; while the agent is down it treats every pod as a mesh pod");
-    }
-    source.policy.replace(state.policies.clone());
+/// The follow loop's state: what it reads, what it serves, and the pods of this node
+/// it has seen in a state (so a deleted one's sandbox is forgotten).
+struct Follower {
+    source: ClusterSource,
+    enrollment: Enrollment,
+    policy: Arc<SharedPolicy>,
+    seen_pods: HashSet<String>,
+}
 
-    // Sandboxes of pods the API server has deleted go; a sandbox whose pod the state has
-    // not shown yet stays (the runtime can be faster than the watch).
-    let present: HashSet<String> = state
-        .config
-        .workloads
-        .iter()
-        .filter(|w| w.node == source.node)
-        .map(|w| w.to_string())
-        .collect();
-    for gone in seen_pods.difference(&present) {
-        source.sandboxes.forget(gone, "");
-    }
-    *seen_pods = present;
-
-    // Pods that ran before this agent: look for their netns in /proc — when the set of
-    // such pods changes, else at most every PROC_RESCAN (each look enters every netns
-    // of the node, and states change with every pod of the cluster).
-    let missing: Vec<Arc<Workload>> = state
-        .config
-        .enrolled_on(&source.node)
-        .into_iter()
-        .filter(|w| !w.ips.is_empty() && source.sandboxes.get(&w.to_string()).is_none())
-        .collect();
-    let names: BTreeSet<String> = missing.iter().map(|w| w.to_string()).collect();
-    let due = source
-        .last_proc_scan
-        .as_ref()
-        .is_none_or(|(at, scanned)| *scanned != names || at.elapsed() >= PROC_RESCAN);
-    if !missing.is_empty() && due {
-        for (pod, sandbox) in procfs::find_sandboxes(&source.proc_root, &missing) {
-            tracing::info!(%pod, netns = %sandbox.netns.display(), "found the network namespace of a running pod");
-            source.sandboxes.record(sandbox);
-        }
-        source.last_proc_scan = Some((std::time::Instant::now(), names));
-    }
-
-    let local = node_config(&state, &source.node, &source.sandboxes, &source.proc_root);
-    let failed = enrollment
-        .reconcile_to(servable(&local, &source.node), local.index())
-        .await;
-    // Each sandbox once: a pod outside the mesh holds no rules of ours. (A mesh pod
-    // not served yet keeps any: failing closed until it is.)
-    for workload in local
-        .workloads
-        .iter()
-        .filter(|w| w.node == source.node && !w.in_mesh)
-    {
-        let name = workload.to_string();
-        if !workload.netns.as_os_str().is_empty()
-            && source
-                .checked
-                .insert((name.clone(), workload.netns.clone()))
+impl Follower {
+    /// Bring the node in line with the current state. Returns the pods that failed.
+    async fn apply(&mut self) -> BTreeMap<String, String> {
+        let source = &mut self.source;
+        let state = source.control.current();
+        if let Err(err) =
+            server::write_mesh_namespaces(&source.cni_socket, &state.config.mesh_namespaces)
         {
-            enrollment.clear_stale(&name, &workload.netns);
+            tracing::warn!(error = %err, "cannot write the mesh namespaces for warren-cni; while the agent is down it treats every pod as a mesh pod");
+        }
+        self.policy.replace(state.policies.clone());
+
+        // Sandboxes of pods the API server has deleted go; a sandbox whose pod the state
+        // has not shown yet stays (the runtime can be faster than the watch).
+        let present: HashSet<String> = state
+            .config
+            .workloads
+            .iter()
+            .filter(|w| w.node == source.node)
+            .map(|w| w.to_string())
+            .collect();
+        for gone in self.seen_pods.difference(&present) {
+            source.sandboxes.forget(gone, "");
+        }
+        self.seen_pods = present;
+
+        // Pods that ran before this agent: look for their netns in /proc — when the set
+        // of such pods changes, else at most every PROC_RESCAN (each look enters every
+        // netns of the node, and states change with every pod of the cluster).
+        let missing: Vec<Arc<Workload>> = state
+            .config
+            .enrolled_on(&source.node)
+            .into_iter()
+            .filter(|w| !w.ips.is_empty() && source.sandboxes.get(&w.to_string()).is_none())
+            .collect();
+        let names: BTreeSet<String> = missing.iter().map(|w| w.to_string()).collect();
+        let due = source
+            .last_proc_scan
+            .as_ref()
+            .is_none_or(|(at, scanned)| *scanned != names || at.elapsed() >= PROC_RESCAN);
+        if !missing.is_empty() && due {
+            source.find_running(&missing);
+            source.last_proc_scan = Some((std::time::Instant::now(), names));
+        }
+
+        let local = source.node_config(&state);
+        let failed = self
+            .enrollment
+            .reconcile_to(source.servable(&local), local.index())
+            .await;
+        // Each sandbox once: a pod outside the mesh holds no rules of ours. (A mesh pod
+        // not served yet keeps any: failing closed until it is.)
+        for workload in local
+            .workloads
+            .iter()
+            .filter(|w| w.node == source.node && !w.in_mesh)
+        {
+            let name = workload.to_string();
+            if !workload.netns.as_os_str().is_empty()
+                && source
+                    .checked
+                    .insert((name.clone(), workload.netns.clone()))
+            {
+                self.enrollment.clear_stale(&name, &workload.netns);
+            }
+        }
+        let sandboxes = &source.sandboxes;
+        source
+            .checked
+            .retain(|(pod, _)| sandboxes.get(pod).is_some());
+        failed
+    }
+
+    async fn handle_cni(&mut self, request: Request) -> (Reply, BTreeMap<String, String>) {
+        match request {
+            Request::Add(sandbox) => self.add(sandbox).await,
+            Request::Del {
+                container_id,
+                namespace,
+                name,
+            } => {
+                let pod = format!("{namespace}/{name}");
+                self.source.sandboxes.forget(&pod, &container_id);
+                let failed = self.apply().await;
+                tracing::info!(%pod, "CNI DEL: the pod's sandbox is gone");
+                (Reply::ok("forgotten"), failed)
+            }
+            Request::Status => (Reply::ok("agent running"), BTreeMap::new()),
         }
     }
-    source
-        .checked
-        .retain(|(pod, _)| source.sandboxes.get(pod).is_some());
-    failed
-}
 
-async fn handle_cni(
-    source: &mut ClusterSource,
-    enrollment: &mut Enrollment,
-    seen_pods: &mut HashSet<String>,
-    request: Request,
-) -> (Reply, BTreeMap<String, String>) {
-    match request {
-        Request::Add(sandbox) => add(source, enrollment, seen_pods, sandbox).await,
-        Request::Del {
-            container_id,
-            namespace,
-            name,
-        } => {
-            let pod = format!("{namespace}/{name}");
-            source.sandboxes.forget(&pod, &container_id);
-            let failed = apply(source, enrollment, seen_pods).await;
-            tracing::info!(%pod, "CNI DEL: the pod's sandbox is gone");
-            (Reply::ok("forgotten"), failed)
+    async fn add(&mut self, sandbox: PodSandbox) -> (Reply, BTreeMap<String, String>) {
+        let pod = format!("{}/{}", sandbox.namespace, sandbox.name);
+        let namespace = sandbox.namespace.clone();
+        tracing::info!(%pod, netns = %sandbox.netns.display(), ips = ?sandbox.ips, "CNI ADD");
+        self.source.sandboxes.record(sandbox);
+        let known =
+            |state: &ClusterState| state.config.workloads.iter().any(|w| w.to_string() == pod);
+        if !known(&self.source.control.current()) {
+            // The kubelet runs the sandbox only for a pod the API server has; our watch
+            // will show it in a moment.
+            let mut states = self.source.control.subscribe();
+            let _ = tokio::time::timeout(UNKNOWN_POD_WAIT, states.wait_for(|s| known(s))).await;
         }
-        Request::Status => (Reply::ok("agent running"), BTreeMap::new()),
+        let failed = self.apply().await;
+        let state = self.source.control.current();
+        let reply = if self.enrollment.serves(&pod) {
+            Reply::ok(format!("{pod} captured"))
+        } else if let Some(err) = failed.get(&pod) {
+            Reply::refused(format!("{pod}: {err}"))
+        } else if !known(&state) && state.config.mesh_namespaces.contains(&namespace) {
+            Reply::refused(format!(
+                "{pod} is in mesh namespace {namespace} but the API server has not shown it to this agent within {UNKNOWN_POD_WAIT:?}; the kubelet retries"
+            ))
+        } else {
+            Reply::ok(format!("{pod} is not in the mesh"))
+        };
+        (reply, failed)
     }
-}
-
-async fn add(
-    source: &mut ClusterSource,
-    enrollment: &mut Enrollment,
-    seen_pods: &mut HashSet<String>,
-    sandbox: PodSandbox,
-) -> (Reply, BTreeMap<String, String>) {
-    let pod = format!("{}/{}", sandbox.namespace, sandbox.name);
-    let namespace = sandbox.namespace.clone();
-    tracing::info!(%pod, netns = %sandbox.netns.display(), ips = ?sandbox.ips, "CNI ADD");
-    source.sandboxes.record(sandbox);
-    let known = |state: &ClusterState| state.config.workloads.iter().any(|w| w.to_string() == pod);
-    if !known(&source.control.current()) {
-        // The kubelet runs the sandbox only for a pod the API server has; our watch will
-        // show it in a moment.
-        let mut states = source.control.subscribe();
-        let _ = tokio::time::timeout(UNKNOWN_POD_WAIT, states.wait_for(|s| known(s))).await;
-    }
-    let failed = apply(source, enrollment, seen_pods).await;
-    let state = source.control.current();
-    let reply = if enrollment.serves(&pod) {
-        Reply::ok(format!("{pod} captured"))
-    } else if let Some(err) = failed.get(&pod) {
-        Reply::refused(format!("{pod}: {err}"))
-    } else if !known(&state) && state.config.mesh_namespaces.contains(&namespace) {
-        Reply::refused(format!(
-            "{pod} is in mesh namespace {namespace} but the API server has not shown it to this agent within {UNKNOWN_POD_WAIT:?}; the kubelet retries"
-        ))
-    } else {
-        Reply::ok(format!("{pod} is not in the mesh"))
-    };
-    (reply, failed)
 }
 
 #[cfg(test)]

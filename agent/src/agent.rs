@@ -413,7 +413,7 @@ fn install_ebpf(
 /// Write the iptables rules of every prepared pod, with the node's backend.
 fn install_iptables(config: &Config, prepared: &[PreparedPod]) -> Result<Installed, AgentError> {
     let backend = Backend::choose(config.iptables_backend).map_err(RedirectError::from)?;
-    let rules = IptablesRedirect::new(backend, node_addresses());
+    let rules = IptablesRedirect::new(backend);
     for p in prepared {
         rules.enroll(&p.pod.netns).map_err(RedirectError::from)?;
     }

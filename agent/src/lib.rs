@@ -11,6 +11,7 @@ pub mod cni;
 pub mod config;
 pub mod control;
 pub mod enrollment;
+pub mod host_sockets;
 pub mod identity;
 pub mod metrics;
 pub mod netns;

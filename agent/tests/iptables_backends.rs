@@ -68,8 +68,7 @@ fn writes_and_removes(backend: Backend, name: &str, other: &str) {
     require_root();
     let ns = TestNetns::create(name);
     let netns = ns.open();
-    let node_ips = ["192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap()];
-    let redirect = IptablesRedirect::new(backend, node_ips);
+    let redirect = IptablesRedirect::new(backend);
 
     redirect.enroll(&netns).expect("writing the rules");
     let rules = ns.rules(name);
@@ -78,9 +77,8 @@ fn writes_and_removes(backend: Backend, name: &str, other: &str) {
         "iptables: -A PREROUTING -p tcp -j WARREN_PREROUTING",
         "iptables: -A WARREN_OUTPUT -m mark --mark 0x539 -j RETURN",
         "iptables: -A WARREN_OUTPUT -p tcp -j REDIRECT --to-ports 15001",
-        "iptables: -A WARREN_PREROUTING -s 192.0.2.1/32 -j RETURN",
         "iptables: -A WARREN_PREROUTING -p tcp -j REDIRECT --to-ports 15006",
-        "ip6tables: -A WARREN_PREROUTING -s 2001:db8::1/128 -j RETURN",
+        "ip6tables: -A WARREN_PREROUTING -p tcp -j REDIRECT --to-ports 15006",
         "ip6tables: -A WARREN_OUTPUT -p tcp -j REDIRECT --to-ports 15001",
     ] {
         assert!(

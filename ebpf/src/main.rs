@@ -11,7 +11,8 @@
 //!   `accept()`.
 //! - `sk_lookup` (one link per enrolled pod netns): TCP for the pod's addresses, any port but
 //!   the tunnel port, is delivered to the agent's inbound listener; the accepted socket keeps
-//!   the local address the client dialled.
+//!   the local address the client dialled. TCP to any other address of the pod (IPv6
+//!   link-local, an address added later) is refused.
 #![no_std]
 #![no_main]
 
@@ -236,11 +237,17 @@ pub fn warren_sk_lookup(ctx: SkLookupContext) -> u32 {
         AF_INET6 => (IpKey { words: local6 }, IpKey { words: remote6 }),
         _ => return SK_PASS,
     };
-    // Not one of the captured pod addresses, or the pod (or the agent inside it) talking
-    // to itself: normal delivery.
-    // SAFETY: presence check only.
-    if unsafe { INBOUND_POD_IPS.get(&local) }.is_none() || local == remote {
+    // The pod (or the agent inside it) talking to itself: normal delivery.
+    if local == remote || local.is_loopback() {
         return SK_PASS;
+    }
+    // This program is attached only to enrolled pods' netns, so every other lookup is
+    // traffic to the pod. An address the agent does not serve (IPv6 link-local, one
+    // added to the pod after it was captured) is refused, never delivered to the app
+    // behind the agent's back: fail closed.
+    // SAFETY: presence check only.
+    if unsafe { INBOUND_POD_IPS.get(&local) }.is_none() {
+        return SK_DROP;
     }
     match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, local, 0) {
         Ok(()) => SK_PASS,

@@ -37,8 +37,8 @@ pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
     ),
 ];
 
-const CLIENT_POD: &str = "legacy/client";
-const CLIENT_ID: &str = "spiffe://cluster.local/ns/legacy/sa/default";
+pub(crate) const CLIENT_POD: &str = "legacy/client";
+pub(crate) const CLIENT_ID: &str = "spiffe://cluster.local/ns/legacy/sa/default";
 const SERVER_ID: &str = "spiffe://cluster.local/ns/demo/sa/server";
 
 /// The Python client's CONNECT is accepted for the identity its certificate proves: the
@@ -291,15 +291,16 @@ fn python_client_echo(
 
 /// Where `interop/hbone_client.py` runs, which source it names in `forwarded` and which
 /// `baggage` it sends.
-struct PythonClient<'a> {
-    from: &'a str,
-    source: std::net::IpAddr,
-    baggage: Option<&'a str>,
+pub(crate) struct PythonClient<'a> {
+    pub from: &'a str,
+    /// What it names in `forwarded` (its own address, or a forged one).
+    pub source: std::net::IpAddr,
+    pub baggage: Option<&'a str>,
 }
 
 impl<'a> PythonClient<'a> {
     /// In `pod` (IPv4), with the script's default baggage.
-    fn in_pod(lab: &Lab, pod: &'a str) -> Self {
+    pub fn in_pod(lab: &Lab, pod: &'a str) -> Self {
         PythonClient {
             from: pod,
             source: lab.pod(pod).ip(Family::V4),
@@ -308,7 +309,7 @@ impl<'a> PythonClient<'a> {
     }
 
     /// Run it against `dst` through `dst`'s port 15008: its exit status and JSON report.
-    fn run(
+    pub fn run(
         &self,
         lab: &Lab,
         cert: &Path,

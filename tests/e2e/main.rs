@@ -9,6 +9,7 @@
 //! These tests need root. Without it they fail — a skipped privileged test looks like a
 //! pass.
 mod bad_input;
+mod bypass;
 mod capture;
 mod encryption;
 mod enrollment;
@@ -52,6 +53,7 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
     all.extend(tunnel_refusals::SCENARIOS);
     all.extend(interop::SCENARIOS);
     all.extend(policy::SCENARIOS);
+    all.extend(bypass::SCENARIOS);
     all.extend(observability::SCENARIOS);
     all.extend(enrollment::SCENARIOS);
     all.extend(kubernetes::SCENARIOS);

@@ -20,6 +20,13 @@ use crate::{identity::Identity, socket::connect_from, tls};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr, pod: Arc<Pod>) {
+    // Tunnels come from other pods. The pod itself dialling its own 15008 (loopback, or
+    // its own address, which no capture path sends here) is reset before any TLS.
+    if peer.ip().is_loopback() || pod.workload.ips.contains(&peer.ip()) {
+        tracing::debug!(pod = %pod.workload, %peer, "tunnel refused: from the pod itself");
+        super::reset(tcp);
+        return;
+    }
     let acceptor = TlsAcceptor::from(pod.tls_server.clone());
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(hbone::buffered(tcp)))
         .await
@@ -62,6 +69,24 @@ pub async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr, po
     }
 }
 
+/// The workload the tunnel comes from: the one at the transport peer's address, if its
+/// identity is the one the certificate proved. A peer whose certificate is another
+/// identity's (a node-level proxy, a stolen key) is named by its identity only.
+fn source_workload(
+    ctx: &ProxyContext,
+    src_ip: std::net::IpAddr,
+    peer_identity: &Identity,
+) -> Option<Arc<crate::workload::Workload>> {
+    let workload = ctx.workloads.current().by_ip(src_ip).cloned()?;
+    match workload.identity(&ctx.trust_domain) {
+        Ok(identity) if identity == *peer_identity => Some(workload),
+        _ => {
+            tracing::warn!(%src_ip, workload = %workload, identity = %peer_identity, "tunnel from a workload's address with another identity's certificate; not naming the workload as its source");
+            None
+        }
+    }
+}
+
 /// One CONNECT stream: deliver it to the app, or refuse it with a reason.
 async fn stream(
     ctx: Arc<ProxyContext>,
@@ -78,9 +103,17 @@ async fn stream(
         .unwrap_or_else(new_connection_id);
     let mut record = ConnectionRecord::new(id, Direction::Inbound, dst);
     record.security = Security::MutualTls;
-    let src_ip = request.forwarded_for().unwrap_or(peer.ip()).to_canonical();
+    // The source is the tunnel's transport peer — the source pod dials from its own
+    // address, as ztunnel does — and its certificate; `forwarded` is only what the peer
+    // says, so it is logged when it disagrees and never decides anything.
+    let src_ip = peer.ip().to_canonical();
+    if let Some(claimed) = request.forwarded_for() {
+        if claimed.to_canonical() != src_ip {
+            tracing::info!(pod = %pod.workload, %peer, identity = %peer_identity, forwarded_for = %claimed, "tunnel's forwarded header names another source than its transport peer; the transport peer is used");
+        }
+    }
     record.src_addr = Some(src_ip.to_string());
-    record.src_workload = ctx.workloads.current().by_ip(src_ip).cloned();
+    record.src_workload = source_workload(&ctx, src_ip, &peer_identity);
     if !request.baggage().is_empty() {
         record.src_baggage = Some(request.baggage().clone());
     }

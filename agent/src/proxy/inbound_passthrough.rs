@@ -1,7 +1,10 @@
 //! 15006: plain TCP to a pod's address, steered here by sk_lookup or iptables, is delivered to the app
 //! at the address the client dialled — unless the pod's mTLS mode is STRICT or an
-//! AuthorizationPolicy denies it, in which case it is reset. Connections from the node
-//! itself (kubelet's health probes) are always delivered.
+//! AuthorizationPolicy denies it, in which case it is reset. Connections the node itself
+//! originated (kubelet's health probes: a socket of the node's netns owns them,
+//! [`crate::host_sockets`]) are always delivered; traffic the node only forwards and
+//! masquerades (NodePort, LoadBalancer, hostPort) comes from the same address and meets
+//! policy like any other client.
 use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpStream;
@@ -32,7 +35,15 @@ pub async fn handle(
     record.dst_workload = Some(pod.workload.clone());
     record.dst_identity = Some(pod.identity.to_string());
     record.opened(&ctx.metrics);
-    if !ctx.node_ips.contains(&peer.ip()) {
+    // Only the pod's own addresses are served: iptables' REDIRECT takes any address
+    // (IPv6 link-local, one added to the pod later), and an agent port would loop.
+    if let Some(reason) = not_served(&pod, dst) {
+        record.failed(format!("refused: {reason}"));
+        record.emit(&ctx.metrics);
+        reset(downstream);
+        return;
+    }
+    if !originated_by_node(&ctx, peer, dst) {
         if let Some((policy, reason)) = refusal(&ctx, &pod, peer, dst) {
             refused_by_policy(&ctx, &mut record, &policy, &reason);
             record.emit(&ctx.metrics);
@@ -40,19 +51,43 @@ pub async fn handle(
             return;
         }
     }
-    if is_agent_port(dst.port()) {
-        record.failed(format!(
-            "refused: {dst} is one of the agent's own ports (loop)"
-        ));
-        record.emit(&ctx.metrics);
-        return;
-    }
     // The pod dialling its own address is not captured again (sk_lookup skips it).
     match connect_from(&pod.netns, dst).await {
         Ok(mut upstream) => relay(&mut downstream, &mut upstream, &mut record).await,
         Err(err) => record.failed(err.to_string()),
     }
     record.emit(&ctx.metrics);
+}
+
+/// Why a plaintext connection to `dst` is not delivered whatever the policy, if so.
+fn not_served(pod: &Pod, dst: SocketAddr) -> Option<String> {
+    if !pod.workload.ips.contains(&dst.ip()) {
+        Some(format!("{dst} is not an address of {}", pod.workload))
+    } else if is_agent_port(dst.port()) {
+        Some(format!("{dst} is one of the agent's own ports (loop)"))
+    } else {
+        None
+    }
+}
+
+/// Whether the node itself opened this connection (the kubelet's probes): the source is
+/// one of the node's addresses *and* a socket of the node's netns owns the 4-tuple.
+/// Forwarded traffic (a NodePort masqueraded to a node address) has no such socket.
+fn originated_by_node(ctx: &ProxyContext, peer: SocketAddr, dst: SocketAddr) -> bool {
+    if !ctx.node_ips.contains(&peer.ip()) {
+        return false;
+    }
+    match crate::host_sockets::owns_connection(peer, dst) {
+        Ok(true) => true,
+        Ok(false) => {
+            tracing::debug!(%peer, %dst, "from a node address but no socket of the node owns it (forwarded: NodePort, hostPort, masquerade); policy applies");
+            false
+        }
+        Err(err) => {
+            tracing::warn!(%peer, %dst, error = %err, "cannot ask the kernel whether the node opened this connection; policy applies");
+            false
+        }
+    }
 }
 
 /// Why policy refuses this plaintext connection, if it does: STRICT mTLS first, then

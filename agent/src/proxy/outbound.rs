@@ -36,7 +36,8 @@ pub async fn handle(
         .original_dst
         .outbound(&downstream, pod.netns_cookie, peer)
     else {
-        tracing::warn!(pod = %pod.workload, %peer, "no original destination recorded for this connection (was it made to port 15001 directly?); closing it");
+        tracing::warn!(pod = %pod.workload, %peer, "no original destination recorded for this connection (was it made to port 15001 directly?); resetting it");
+        super::reset(downstream);
         return;
     };
     let index = ctx.workloads.current();
@@ -60,22 +61,38 @@ pub async fn handle(
         return;
     }
 
-    if is_agent_port(dst.port()) && pod.workload.ips.contains(&dst.ip().to_canonical()) {
-        record.failed(format!(
-            "refused: {dst} is the agent's own port in this pod (loop)"
-        ));
-    } else {
-        match dst_workload.filter(|w| w.in_mesh) {
-            Some(workload) => {
-                tunnel(&ctx, &pod, &workload, dst, &mut downstream, &mut record).await
-            }
-            None => {
-                record.opened(&ctx.metrics);
-                passthrough(&pod, dst, &mut downstream, &mut record).await
-            }
+    if let Some(reason) = looping(&pod, dst) {
+        record.failed(format!("refused: {reason}"));
+        record.emit(&ctx.metrics);
+        super::reset(downstream);
+        return;
+    }
+    match dst_workload.filter(|w| w.in_mesh) {
+        Some(workload) => tunnel(&ctx, &pod, &workload, dst, &mut downstream, &mut record).await,
+        None => {
+            record.opened(&ctx.metrics);
+            passthrough(&pod, dst, &mut downstream, &mut record).await
         }
     }
     record.emit(&ctx.metrics);
+}
+
+/// Why sending a connection on to `dst` would come back to the agent, if it would.
+/// Neither mode captures loopback, so a loopback or unspecified (`0.0.0.0`, `::`)
+/// destination means the pod dialled an agent port itself (iptables' conntrack then
+/// reports that port as the original destination); an agent port on the pod's own
+/// address is the same loop by another name.
+fn looping(pod: &Pod, dst: SocketAddr) -> Option<String> {
+    let ip = dst.ip().to_canonical();
+    if ip.is_loopback() || ip.is_unspecified() {
+        Some(format!(
+            "{dst} is not a destination a captured connection can have (the pod dialled an agent port directly?)"
+        ))
+    } else if is_agent_port(dst.port()) && pod.workload.ips.contains(&ip) {
+        Some(format!("{dst} is the agent's own port in this pod (loop)"))
+    } else {
+        None
+    }
 }
 
 /// Not in the mesh: connect directly, from the pod's netns.

@@ -8,9 +8,12 @@
 //! -A WARREN_OUTPUT -o lo -j RETURN                           loopback, the pod's own IPs
 //! -A WARREN_OUTPUT -p tcp -j REDIRECT --to-ports 15001       outbound → the agent
 //! -A WARREN_PREROUTING -p tcp --dport 15008 -j RETURN        HBONE reaches the agent as is
-//! -A WARREN_PREROUTING -s <node address> -j RETURN           kubelet's probes, untouched
 //! -A WARREN_PREROUTING -p tcp -j REDIRECT --to-ports 15006   inbound plain text → the agent
 //! ```
+//!
+//! The node's own connections (kubelet's probes) are redirected too: the agent lets
+//! through those a socket of the node owns and applies policy to what the node only
+//! forwards (`crate::host_sockets`), which no source-address rule could tell apart.
 //!
 //! UDP is never matched. The original destination of a redirected connection is what
 //! conntrack remembers (`SO_ORIGINAL_DST`, see [`super::OriginalDst`]).
@@ -28,7 +31,6 @@
 use std::{
     fmt,
     io::{self, Write as _},
-    net::IpAddr,
     os::{
         fd::{AsFd as _, AsRawFd as _},
         unix::process::CommandExt as _,
@@ -146,20 +148,6 @@ enum Family {
 
 impl Family {
     const ALL: [Family; 2] = [Family::V4, Family::V6];
-
-    fn of(ip: IpAddr) -> Family {
-        match ip.to_canonical() {
-            IpAddr::V4(_) => Family::V4,
-            IpAddr::V6(_) => Family::V6,
-        }
-    }
-
-    fn host_prefix(self) -> u8 {
-        match self {
-            Family::V4 => 32,
-            Family::V6 => 128,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -198,16 +186,11 @@ impl fmt::Display for NetnsLabel {
 #[derive(Debug, Clone)]
 pub struct IptablesRedirect {
     backend: Backend,
-    /// The node's addresses: connections from them (kubelet's probes) are not redirected.
-    node_ips: Vec<IpAddr>,
 }
 
 impl IptablesRedirect {
-    pub fn new(backend: Backend, node_ips: impl IntoIterator<Item = IpAddr>) -> Self {
-        let mut node_ips: Vec<IpAddr> = node_ips.into_iter().map(|ip| ip.to_canonical()).collect();
-        node_ips.sort();
-        node_ips.dedup();
-        Self { backend, node_ips }
+    pub fn new(backend: Backend) -> Self {
+        Self { backend }
     }
 
     pub fn backend(&self) -> Backend {
@@ -219,7 +202,7 @@ impl IptablesRedirect {
     pub fn enroll(&self, netns: &Netns) -> Result<(), IptablesError> {
         for family in Family::ALL {
             let saved = self.save(netns, family)?;
-            let batch = install_batch(family, &self.node_ips, &SavedNat::parse(&saved));
+            let batch = install_batch(&SavedNat::parse(&saved));
             self.restore(netns, family, &batch)?;
         }
         Ok(())
@@ -345,8 +328,13 @@ fn is_warren_chain(name: &str) -> bool {
     name.starts_with("WARREN_")
 }
 
-/// The batch that (re)writes warren's rules for one family, given what is there now.
-fn install_batch(family: Family, node_ips: &[IpAddr], saved: &SavedNat) -> String {
+/// The batch that (re)writes warren's rules (the same for both families), given what is
+/// there now.
+/// Every inbound connection but HBONE goes to 15006, the node's own included: whether
+/// the node *originated* it (a probe, let through) or only forwards it (a NodePort,
+/// subject to policy) is a question of sockets, not of source addresses, and the agent
+/// asks the kernel (`host_sockets`).
+fn install_batch(saved: &SavedNat) -> String {
     let mut batch = String::from("*nat\n");
     // Declaring a chain with --noflush creates it, or empties it when it exists.
     for chain in [OUTPUT_CHAIN, PREROUTING_CHAIN] {
@@ -363,12 +351,6 @@ fn install_batch(family: Family, node_ips: &[IpAddr], saved: &SavedNat) -> Strin
          -A {OUTPUT_CHAIN} -p tcp -j REDIRECT --to-ports {OUTBOUND_PORT}\n\
          -A {PREROUTING_CHAIN} -p tcp --dport {INBOUND_TUNNEL_PORT} -j RETURN\n"
     ));
-    for ip in node_ips.iter().filter(|ip| Family::of(**ip) == family) {
-        batch.push_str(&format!(
-            "-A {PREROUTING_CHAIN} -s {ip}/{} -j RETURN\n",
-            family.host_prefix()
-        ));
-    }
     batch.push_str(&format!(
         "-A {PREROUTING_CHAIN} -p tcp -j REDIRECT --to-ports {INBOUND_PLAINTEXT_PORT}\nCOMMIT\n"
     ));
@@ -454,15 +436,9 @@ fn run(
 mod tests {
     use super::*;
 
-    const NODE_IPS: [&str; 3] = ["192.168.77.11", "10.77.1.1", "fd00:77::11"];
-
-    fn node_ips() -> Vec<IpAddr> {
-        NODE_IPS.iter().map(|ip| ip.parse().unwrap()).collect()
-    }
-
     #[test]
     fn install_batch_on_a_fresh_pod() {
-        let batch = install_batch(Family::V4, &node_ips(), &SavedNat::default());
+        let batch = install_batch(&SavedNat::default());
         assert_eq!(
             batch,
             "*nat\n\
@@ -474,18 +450,16 @@ mod tests {
              -A WARREN_OUTPUT -o lo -j RETURN\n\
              -A WARREN_OUTPUT -p tcp -j REDIRECT --to-ports 15001\n\
              -A WARREN_PREROUTING -p tcp --dport 15008 -j RETURN\n\
-             -A WARREN_PREROUTING -s 192.168.77.11/32 -j RETURN\n\
-             -A WARREN_PREROUTING -s 10.77.1.1/32 -j RETURN\n\
              -A WARREN_PREROUTING -p tcp -j REDIRECT --to-ports 15006\n\
              COMMIT\n"
         );
     }
 
     #[test]
-    fn install_batch_for_ipv6_names_only_ipv6_node_addresses() {
-        let batch = install_batch(Family::V6, &node_ips(), &SavedNat::default());
-        assert!(batch.contains("-A WARREN_PREROUTING -s fd00:77::11/128 -j RETURN\n"));
-        assert!(!batch.contains("192.168.77.11"), "{batch}");
+    fn install_batch_exempts_no_source_address() {
+        // The node's probes are told from forwarded traffic by socket, not by address.
+        let batch = install_batch(&SavedNat::default());
+        assert!(!batch.contains(" -s "), "{batch}");
     }
 
     const ENROLLED: &str = "\
@@ -522,7 +496,7 @@ COMMIT
 
     #[test]
     fn reinstall_keeps_one_jump_per_chain() {
-        let batch = install_batch(Family::V4, &[], &SavedNat::parse(ENROLLED));
+        let batch = install_batch(&SavedNat::parse(ENROLLED));
         assert!(!batch.contains("-A OUTPUT "), "{batch}");
         assert!(!batch.contains("-A PREROUTING "), "{batch}");
         assert!(batch.contains(":WARREN_OUTPUT - [0:0]\n"), "{batch}");

@@ -107,6 +107,8 @@ pub async fn run(config: Config, logs: Option<LogControl>) -> Result<(), AgentEr
     raise_open_file_limit();
     let policy_config = PolicyConfig {
         root_namespace: config.root_namespace.clone(),
+        trust_domain: config.trust_domain.clone(),
+        trust_domain_aliases: config.trust_domain_aliases.clone(),
     };
     let Start {
         local,

@@ -22,7 +22,10 @@ use std::{
 };
 
 use crate::{
-    config::{DEFAULT_TRUST_DOMAIN, ENV_CONFIG, ENV_POLICY, ENV_ROOT_NAMESPACE, ENV_TRUST_DOMAIN},
+    config::{
+        ConfigError, DEFAULT_TRUST_DOMAIN, ENV_CONFIG, ENV_POLICY, ENV_ROOT_NAMESPACE,
+        ENV_TRUST_DOMAIN, ENV_TRUST_DOMAIN_ALIASES,
+    },
     control::local::{LocalConfig, LocalConfigError},
     identity::{Identity, IdentityError},
     policy::{
@@ -62,6 +65,16 @@ pub struct CheckArgs {
     #[arg(long, env = ENV_TRUST_DOMAIN, default_value = DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
 
+    /// Other trust domains of this mesh, comma-separated, as given to `warren agent
+    /// --trust-domain-aliases` (Istio's `trustDomainAliases`).
+    #[arg(
+        long,
+        env = ENV_TRUST_DOMAIN_ALIASES,
+        value_delimiter = ',',
+        value_name = "DOMAIN,..."
+    )]
+    pub trust_domain_aliases: Vec<String>,
+
     /// Report only the workloads on this node (default: every node). Problems with the
     /// policies themselves are judged against every workload of the config.
     #[arg(long, value_name = "NAME")]
@@ -76,6 +89,8 @@ pub enum CheckError {
     Policy(#[from] PolicyError),
     #[error("--trust-domain {value:?} is not a valid SPIFFE trust domain: {reason}")]
     TrustDomain { value: String, reason: String },
+    #[error("{0}")]
+    TrustDomainAlias(ConfigError),
 }
 
 /// What [`check`] needs, as the agent reads it.
@@ -100,9 +115,13 @@ pub fn load(args: &CheckArgs) -> Result<Inputs, CheckError> {
             reason,
         });
     }
+    crate::config::check_trust_domain_aliases(&args.trust_domain_aliases)
+        .map_err(CheckError::TrustDomainAlias)?;
     let config = LocalConfig::load(&args.config)?;
     let policy_config = PolicyConfig {
         root_namespace: args.root_namespace.clone(),
+        trust_domain: args.trust_domain.clone(),
+        trust_domain_aliases: args.trust_domain_aliases.clone(),
     };
     let policy = match &args.policy {
         Some(path) => PolicySet::load(policy_config, path)?,

@@ -33,6 +33,7 @@ pub const ENV_CONFIG: &str = "WARREN_CONFIG";
 pub const ENV_POLICY: &str = "WARREN_POLICY";
 pub const ENV_ROOT_NAMESPACE: &str = "WARREN_ROOT_NAMESPACE";
 pub const ENV_TRUST_DOMAIN: &str = "WARREN_TRUST_DOMAIN";
+pub const ENV_TRUST_DOMAIN_ALIASES: &str = "WARREN_TRUST_DOMAIN_ALIASES";
 
 /// `warren agent` flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -97,6 +98,19 @@ pub struct AgentArgs {
     /// SPIFFE trust domain of this mesh's identities.
     #[arg(long, env = ENV_TRUST_DOMAIN, default_value = DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
+
+    /// Other trust domains of this mesh (Istio's `trustDomainAliases`, e.g. the old one
+    /// during a migration), comma-separated: an AuthorizationPolicy principal of the
+    /// trust domain or an alias also names the same namespace and service account in
+    /// each of the others. Peers are still accepted only with a certificate that
+    /// chains to the trust bundle.
+    #[arg(
+        long,
+        env = ENV_TRUST_DOMAIN_ALIASES,
+        value_delimiter = ',',
+        value_name = "DOMAIN,..."
+    )]
+    pub trust_domain_aliases: Vec<String>,
 
     /// Directory of the CA that signs this node's workload certificates (Istio's plug-in
     /// CA layout: root-cert.pem, ca-cert.pem, ca-key.pem, cert-chain.pem). Create one with
@@ -220,6 +234,7 @@ pub struct Config {
     pub pin_dir: PathBuf,
     pub cgroup_root: Option<PathBuf>,
     pub trust_domain: String,
+    pub trust_domain_aliases: Vec<String>,
     pub ca: CaSource,
     pub cert_lifetime: Duration,
     pub metrics_addr: std::net::SocketAddr,
@@ -239,6 +254,8 @@ pub enum ConfigError {
     MissingCa,
     #[error("--ca-addr needs --ca-root-cert FILE: the root the CA's certificate (and the mesh's) chains to")]
     MissingCaRoot,
+    #[error("--trust-domain-aliases: {value:?} is not a valid SPIFFE trust domain: {reason}")]
+    TrustDomainAlias { value: String, reason: String },
     #[error("--policy is for --control local; with --control kubernetes the policies are the cluster's PeerAuthentication and AuthorizationPolicy objects (`kubectl apply` them)")]
     PolicyWithKubernetes,
 }
@@ -259,6 +276,7 @@ impl TryFrom<AgentArgs> for Config {
                 proc_root: args.proc_root,
             },
         };
+        check_trust_domain_aliases(&args.trust_domain_aliases)?;
         let ca = match (args.ca_dir, args.ca_addr) {
             (Some(dir), _) => CaSource::Local(dir),
             (None, Some(address)) => CaSource::Remote {
@@ -277,6 +295,7 @@ impl TryFrom<AgentArgs> for Config {
             iptables_backend: args.iptables_backend,
             cgroup_root: args.cgroup_root,
             trust_domain: args.trust_domain,
+            trust_domain_aliases: args.trust_domain_aliases,
             ca,
             cert_lifetime: args.cert_lifetime,
             metrics_addr: args.metrics_addr,
@@ -286,5 +305,62 @@ impl TryFrom<AgentArgs> for Config {
             root_namespace: args.root_namespace,
             probe_pretend_missing: args.probe_pretend_missing,
         })
+    }
+}
+
+/// Each of `aliases` must be a valid SPIFFE trust domain (`warren agent` and `warren
+/// check` refuse the same ones).
+pub fn check_trust_domain_aliases(aliases: &[String]) -> Result<(), ConfigError> {
+    for alias in aliases {
+        crate::identity::spiffe::check_trust_domain(alias).map_err(|reason| {
+            ConfigError::TrustDomainAlias {
+                value: alias.clone(),
+                reason,
+            }
+        })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        agent: AgentArgs,
+    }
+
+    fn config(extra: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec![
+            "warren",
+            "--node",
+            "n1",
+            "--config",
+            "workloads.yaml",
+            "--ca-dir",
+            "/ca",
+        ];
+        argv.extend_from_slice(extra);
+        Config::try_from(Cli::try_parse_from(argv).unwrap().agent)
+    }
+
+    #[test]
+    fn trust_domain_aliases_are_a_comma_separated_list_of_trust_domains() {
+        assert!(config(&[]).unwrap().trust_domain_aliases.is_empty());
+        let config_ok = config(&["--trust-domain-aliases", "old.example,older.example"]).unwrap();
+        assert_eq!(
+            config_ok.trust_domain_aliases,
+            ["old.example", "older.example"]
+        );
+        let err = config(&["--trust-domain-aliases", "old.example,Old.Example"]).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("--trust-domain-aliases: \"Old.Example\" is not a valid"),
+            "{err}"
+        );
     }
 }

@@ -51,6 +51,7 @@ pub mod watch;
 
 mod authorization;
 mod peer_authentication;
+mod trust_domain;
 
 use std::{fmt, net::IpAddr, path::Path, sync::Arc};
 
@@ -72,12 +73,21 @@ pub struct PolicyConfig {
     /// there is the mesh-wide default; an AuthorizationPolicy there applies to every
     /// namespace.
     pub root_namespace: String,
+    /// Istio's `trustDomain` (mesh config): the trust domain `cluster.local` in a
+    /// principal stands for.
+    pub trust_domain: String,
+    /// Istio's `trustDomainAliases`: a principal of the trust domain or of an alias
+    /// names the same namespace and service account in each of them (see
+    /// `trust_domain.rs`).
+    pub trust_domain_aliases: Vec<String>,
 }
 
 impl Default for PolicyConfig {
     fn default() -> Self {
         Self {
             root_namespace: DEFAULT_ROOT_NAMESPACE.to_owned(),
+            trust_domain: crate::config::DEFAULT_TRUST_DOMAIN.to_owned(),
+            trust_domain_aliases: Vec::new(),
         }
     }
 }
@@ -303,7 +313,11 @@ impl PolicySet {
             }
         }
         let peer = peer_authentication::PeerIndex::new(root, &peer_authentications, &mut warnings);
-        let authz = authorization::AuthzIndex::new(&authorization_policies, &mut warnings);
+        let bundle = trust_domain::TrustDomainBundle::new(
+            &config.trust_domain,
+            &config.trust_domain_aliases,
+        );
+        let authz = authorization::AuthzIndex::new(&authorization_policies, &bundle, &mut warnings);
         Self {
             inner: Arc::new(Inner {
                 config,

@@ -656,19 +656,28 @@ impl Lab {
     }
 
     /// Put the policy documents of `file` where every agent reads them (under the file's
-    /// name, replacing an earlier apply of the same file), like `kubectl apply -f`. The
-    /// agents reload within a couple of seconds; a file they cannot decode is refused in
-    /// their logs and the previous policy stays.
+    /// name, replacing an earlier apply of the same file), like `kubectl apply -f`: the
+    /// file is decoded first with the agent's own decoder ([`crate::policy::validate`]),
+    /// and one that does not decode is refused — with its file, line, column and reason
+    /// — and nothing is placed. The agents reload within a couple of seconds.
     pub fn apply_policy(&self, file: &Path) -> Result<PathBuf> {
-        let target = self.policy_file(file)?;
-        fs::copy(file, &target)
-            .with_context(|| format!("copying {} to {}", file.display(), target.display()))?;
+        let warren = self.warren_binary()?;
+        crate::policy::apply(&warren, self.dir.root(), file, &self.dir.policies())
+    }
+
+    /// Put `file` where every agent reads them *without* decoding it first — as an
+    /// editor or a configuration tool that bypasses `apply` would: for tests of the
+    /// agents' own refusal of a file that does not decode (logged with file and line;
+    /// the policy in force stays).
+    pub fn place_policy_unchecked(&self, file: &Path) -> Result<PathBuf> {
+        let target = crate::policy::target(&self.dir.policies(), file)?;
+        crate::policy::place(file, &target)?;
         Ok(target)
     }
 
     /// Remove what [`Self::apply_policy`] put in place for `file`, like `kubectl delete -f`.
     pub fn delete_policy(&self, file: &Path) -> Result<PathBuf> {
-        let target = self.policy_file(file)?;
+        let target = crate::policy::target(&self.dir.policies(), file)?;
         fs::remove_file(&target).with_context(|| {
             format!(
                 "{} was not applied ({} does not exist)",
@@ -677,21 +686,6 @@ impl Lab {
             )
         })?;
         Ok(target)
-    }
-
-    fn policy_file(&self, file: &Path) -> Result<PathBuf> {
-        let name = file
-            .file_name()
-            .with_context(|| format!("{} is not a file name", file.display()))?;
-        let mut name = PathBuf::from(name);
-        if !matches!(
-            name.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml")
-        ) {
-            // The agents read *.yaml and *.yml only.
-            name.set_extension("yaml");
-        }
-        Ok(self.dir.policies().join(name))
     }
 
     /// The lab's CA directory (Istio's plug-in CA layout), which signs the agents'

@@ -45,6 +45,7 @@ mod lab;
 pub mod mounts;
 mod netns;
 pub mod options;
+pub mod policy;
 pub mod prereq;
 mod process;
 mod state;

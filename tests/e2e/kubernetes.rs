@@ -469,8 +469,10 @@ fn certificates_from_the_ca_service(lab: &Lab) -> Result<()> {
             "tokenreviews",
             |mut review: Value| {
                 let token = review["spec"]["token"].as_str().unwrap_or_default();
+                // An audience-aware API server answers the audiences it checked.
+                let audiences = review["spec"]["audiences"].clone();
                 review["status"] = match token.strip_prefix("lab-token-") {
-                    Some(node) => json!({"authenticated": true, "user": {
+                    Some(node) => json!({"authenticated": true, "audiences": audiences, "user": {
                     "username": "system:serviceaccount:warren-system:warren-agent",
                     "extra": {"authentication.kubernetes.io/node-name": [node]}}}),
                     None => json!({"authenticated": false, "error": "invalid bearer token"}),

@@ -328,8 +328,14 @@ fn malformed_file_keeps_the_previous_policy(lab: &Lab) -> Result<()> {
                 .replace("mode: STRICT", "mod: STRICT")
                 .replace("name: strict", "name: broken"),
         )?;
+        // `apply_policy` would refuse it (as `kubectl apply` would): placed as a tool
+        // that bypasses it would, to see the agents refuse it too.
+        ensure!(
+            lab.apply_policy(&broken).is_err(),
+            "lab apply should refuse a file that does not decode"
+        );
         let n2 = lab.agent_log_len("n2");
-        lab.apply_policy(&broken)?;
+        lab.place_policy_unchecked(&broken)?;
         let line = wait_for_log(lab, "n2", n2, "policy not reloaded")?;
         let result = (|| -> Result<()> {
             ensure!(

@@ -60,8 +60,10 @@ pub enum LabCommand {
         #[arg(long = "6")]
         v6: bool,
     },
-    /// Add Istio policy documents for every agent, as `kubectl apply -f` would; the
-    /// agents reload within a couple of seconds.
+    /// Add Istio policy documents for every agent, as `kubectl apply -f` would: the file
+    /// is decoded first with the agent's own decoder, and one that does not decode is
+    /// refused (file:line:column and the reason; exit status 1) and nothing is placed.
+    /// The agents reload within a couple of seconds.
     Apply {
         /// A YAML file of PeerAuthentication / AuthorizationPolicy documents.
         #[arg(short = 'f', long = "filename")]

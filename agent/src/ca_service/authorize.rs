@@ -6,6 +6,10 @@
 //!   runs only on n2 is refused (Istio's node authorization for ztunnel);
 //! - any other caller may have only its own identity.
 //!
+//! A token counts only if the TokenReview says it is for this CA's audience: both
+//! `authenticated` and `status.audiences` are checked, as Kubernetes asks of callers
+//! that set `spec.audiences`.
+//!
 //! The caller's node comes from the token (bound tokens carry
 //! `authentication.kubernetes.io/node-name`), else from its pod.
 use std::collections::HashSet;
@@ -93,6 +97,21 @@ impl Authorizer {
                     status
                         .error
                         .unwrap_or_else(|| "not authenticated".to_owned())
+                ),
+            ));
+        }
+        // An API server that ignores `spec.audiences` (or predates them) says
+        // authenticated for a token of any audience — the API server's own, another
+        // service's. The audiences it answers tell: one of ours must be among them
+        // (none means "valid for the API server").
+        let answered = status.audiences.unwrap_or_default();
+        if !answered.iter().any(|a| self.audiences.contains(a)) {
+            return Err(Status::new(
+                Code::Unauthenticated,
+                format!(
+                    "the API server authenticated the token but not for this CA: its TokenReview answered audiences [{}], none of which is [{}] (the audience the token must be minted for; an API server that ignores spec.audiences cannot be used)",
+                    answered.join(", "),
+                    self.audiences.join(", ")
                 ),
             ));
         }

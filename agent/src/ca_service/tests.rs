@@ -38,6 +38,18 @@ fn users() -> BTreeMap<&'static str, Value> {
     ])
 }
 
+/// Tokens for which the test API server behaves like one that ignores `spec.audiences`:
+/// authenticated, for the audiences it answers (`None`: no `audiences` field at all).
+fn audience_ignored(token: &str) -> Option<Option<Value>> {
+    match token {
+        // A token minted for the API server (or another service), accepted as such.
+        "client-for-the-api" => Some(Some(json!(["https://kubernetes.default.svc"]))),
+        // An old API server: no audiences in its answer.
+        "client-old-apiserver" => Some(None),
+        _ => None,
+    }
+}
+
 fn pod(namespace: &str, name: &str, service_account: &str, node: &str) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -65,6 +77,16 @@ impl Fixture {
             let audience_ok = review["spec"]["audiences"]
                 .as_array()
                 .is_some_and(|a| a.iter().any(|a| a == AUDIENCE));
+            if let Some(audiences) = audience_ignored(&token) {
+                let user = json!({"username": "system:serviceaccount:demo:client"});
+                review["status"] = match audiences {
+                    Some(audiences) => {
+                        json!({"authenticated": true, "user": user, "audiences": audiences})
+                    }
+                    None => json!({"authenticated": true, "user": user}),
+                };
+                return Ok(review);
+            }
             review["status"] = match users().get(token.as_str()) {
                 Some(user) if audience_ok => {
                     json!({"authenticated": true, "user": user, "audiences": [AUDIENCE]})
@@ -218,6 +240,35 @@ async fn tokens_are_reviewed_and_workloads_get_only_themselves() {
     .await
     .unwrap_err();
     assert!(foreign.contains("trust domain"), "{foreign}");
+}
+
+/// An API server that says authenticated without saying it is for the CA's audience
+/// (it ignored `spec.audiences`, or is too old to know them) is not believed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_of_another_audience_is_refused_even_when_authenticated() {
+    let fixture = Fixture::start().await;
+    let client = identity("demo", "client");
+    let other = fetch(&fixture.client("client-for-the-api"), &client)
+        .await
+        .unwrap_err();
+    assert!(
+        other.contains("Unauthenticated")
+            && other.contains("audiences [https://kubernetes.default.svc]")
+            && other.contains("[warren-ca]"),
+        "{other}"
+    );
+    let none = fetch(&fixture.client("client-old-apiserver"), &client)
+        .await
+        .unwrap_err();
+    assert!(
+        none.contains("Unauthenticated") && none.contains("audiences []"),
+        "{none}"
+    );
+    // The same service account with a token for the CA's audience.
+    assert_eq!(
+        fetch(&fixture.client("client"), &client).await,
+        Ok(client.to_string())
+    );
 }
 
 /// The CA lives in its Secret: a second start (another replica, a restart) signs with

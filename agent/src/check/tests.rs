@@ -564,6 +564,7 @@ fn bad_inputs_are_errors_that_say_what_to_do() {
         policy: Some(policy.clone()),
         root_namespace: DEFAULT_ROOT_NAMESPACE.to_owned(),
         trust_domain: DEFAULT_TRUST_DOMAIN.to_owned(),
+        trust_domain_aliases: vec![],
         node: None,
     };
     let err = run(&args).unwrap_err().to_string();
@@ -579,6 +580,14 @@ fn bad_inputs_are_errors_that_say_what_to_do() {
     })
     .unwrap_err();
     assert!(matches!(err, CheckError::TrustDomain { .. }), "{err}");
+
+    let err = run(&CheckArgs {
+        trust_domain_aliases: vec!["old.example".to_owned(), "Bad Alias".to_owned()],
+        ..args.clone()
+    })
+    .unwrap_err();
+    assert!(matches!(err, CheckError::TrustDomainAlias(_)), "{err}");
+    assert!(err.to_string().contains("\"Bad Alias\""), "{err}");
 
     let err = run(&CheckArgs {
         config: dir.path().join("missing.yaml"),

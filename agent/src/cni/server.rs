@@ -153,6 +153,11 @@ impl Sandboxes {
     pub fn get(&self, pod: &str) -> Option<&PodSandbox> {
         self.by_pod.get(pod)
     }
+
+    /// Every sandbox recorded.
+    pub fn iter(&self) -> impl Iterator<Item = &PodSandbox> {
+        self.by_pod.values()
+    }
 }
 
 /// Write the mesh's namespaces beside the socket, for the plugin to read when the agent

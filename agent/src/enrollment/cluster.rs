@@ -85,9 +85,21 @@ impl ClusterSource {
         servable(local, &self.node)
     }
 
-    /// Look for `pods`' network namespaces in /proc and record those found.
+    /// Look for `pods`' network namespaces in /proc and record those found. The
+    /// namespaces of the sandboxes already known (from `warren-cni`, or an earlier
+    /// search) are nobody else's and are not searched; a pod whose namespace cannot be
+    /// told (see [`procfs`]) is refused: logged, not recorded, so not served.
     pub fn find_running(&mut self, pods: &[Arc<Workload>]) {
-        for (pod, sandbox) in procfs::find_sandboxes(&self.proc_root, pods) {
+        let claimed: Vec<PathBuf> = self
+            .sandboxes
+            .iter()
+            .map(|sandbox| procfs::on_node(&self.proc_root, &sandbox.netns))
+            .collect();
+        let found = procfs::find_sandboxes(&self.proc_root, pods, &claimed);
+        for refused in &found.refused {
+            tracing::error!(pod = refused.pod(), reason = %refused, "refusing to serve a pod found in /proc: its network namespace cannot be told, so it is not captured (if it was, it stays failed closed) until warren-cni reports its sandbox (restart the pod) or the extra addresses are removed");
+        }
+        for (pod, sandbox) in found.sandboxes {
             tracing::info!(%pod, netns = %sandbox.netns.display(), "found the network namespace of a running pod");
             self.sandboxes.record(sandbox);
         }

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 
 use super::{
     model::{Action, AuthorizationPolicy, Condition, Operation, Rule, Source},
+    trust_domain::TrustDomainBundle,
     ConnectionInfo, Decision, PolicyKind, PolicyRef, PolicyWarning,
 };
 use crate::workload::Workload;
@@ -122,8 +123,13 @@ pub(super) struct AuthzIndex {
 }
 
 impl AuthzIndex {
-    /// `policies` oldest first.
-    pub(super) fn new(policies: &[AuthorizationPolicy], warnings: &mut Vec<PolicyWarning>) -> Self {
+    /// `policies` oldest first; their principals are enforced with the trust domain
+    /// aliases of `trust_domains`.
+    pub(super) fn new(
+        policies: &[AuthorizationPolicy],
+        trust_domains: &TrustDomainBundle,
+        warnings: &mut Vec<PolicyWarning>,
+    ) -> Self {
         let mut by_namespace: HashMap<String, Vec<Enforced>> = HashMap::new();
         for (order, policy) in policies.iter().enumerate() {
             let reference = PolicyRef::of(PolicyKind::AuthorizationPolicy, &policy.meta);
@@ -185,7 +191,7 @@ impl AuthzIndex {
                     order,
                     reference,
                     effect,
-                    policy: policy.clone(),
+                    policy: with_trust_domain_aliases(policy, trust_domains),
                 });
         }
         Self { by_namespace }
@@ -252,6 +258,26 @@ impl AuthzIndex {
             },
         }
     }
+}
+
+/// `policy` as enforced: each principal (`principals`, `notPrincipals`, the
+/// `source.principal` condition) expanded to the trust domain's aliases, as Istio does.
+fn with_trust_domain_aliases(
+    policy: &AuthorizationPolicy,
+    trust_domains: &TrustDomainBundle,
+) -> AuthorizationPolicy {
+    let mut policy = policy.clone();
+    for rule in &mut policy.rules {
+        for source in &mut rule.from {
+            source.principals = trust_domains.expand(&source.principals);
+        }
+        for condition in &mut rule.when {
+            if let Condition::SourcePrincipal(principals) = condition {
+                *principals = trust_domains.expand(principals);
+            }
+        }
+    }
+    policy
 }
 
 fn no_allow_matched(policies: &[&Enforced]) -> String {

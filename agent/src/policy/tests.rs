@@ -15,6 +15,7 @@ fn policies_with_root(yaml: &str, root: &str) -> PolicySet {
     PolicySet::new(
         PolicyConfig {
             root_namespace: root.to_owned(),
+            ..PolicyConfig::default()
         },
         decoded,
     )
@@ -810,4 +811,137 @@ fn load_reads_a_directory() {
     assert!(!set
         .authorize(&server(), &connection(Caller::DemoClient, 1))
         .is_allow());
+}
+
+/// Istio's `trustDomainAliases`: a principal of the trust domain or an alias names the
+/// same namespace and service account in each of them (`principals`, `notPrincipals`,
+/// `source.principal`); namespaces and service accounts are trust-domain free anyway.
+mod trust_domain_aliases {
+    use super::*;
+
+    fn aliased(trust_domain: &str, aliases: &[&str], yaml: &str) -> PolicySet {
+        let decoded = decode_str(yaml, Path::new("test.yaml")).expect("test policies decode");
+        PolicySet::new(
+            PolicyConfig {
+                trust_domain: trust_domain.to_owned(),
+                trust_domain_aliases: aliases.iter().map(|a| a.to_string()).collect(),
+                ..PolicyConfig::default()
+            },
+            decoded,
+        )
+    }
+
+    /// `spiffe://TD/ns/demo/sa/SA` over mTLS to demo/server:8080.
+    fn from(trust_domain: &str, service_account: &str) -> ConnectionInfo {
+        ConnectionInfo {
+            source_ip: "10.77.1.10".parse().unwrap(),
+            source_identity: Some(Identity::new(trust_domain, "demo", service_account).unwrap()),
+            destination_ip: "10.77.2.10".parse().unwrap(),
+            destination_port: 8080,
+        }
+    }
+
+    fn allowed(set: &PolicySet, connection: &ConnectionInfo) -> bool {
+        matches!(set.authorize(&server(), connection), Decision::Allow)
+    }
+
+    const ALLOW_CLIENT: &str = "  rules:\n  - from:\n    - source:\n        principals: [\"cluster.local/ns/demo/sa/client\"]";
+
+    #[test]
+    fn an_allowed_principal_of_the_trust_domain_also_allows_the_aliases() {
+        let yaml = authz("demo", "client-only", ALLOW_CLIENT);
+        let set = aliased("cluster.local", &["old.example"], &yaml);
+        assert!(allowed(&set, &from("cluster.local", "client")));
+        assert!(allowed(&set, &from("old.example", "client")), "the alias");
+        assert!(
+            !allowed(&set, &from("other.example", "client")),
+            "a trust domain that is not an alias"
+        );
+        assert!(
+            !allowed(&set, &from("old.example", "peer")),
+            "another service account of the alias"
+        );
+
+        // Without the alias, the old trust domain's peer is not that principal.
+        let set = aliased("cluster.local", &[], &yaml);
+        assert!(!allowed(&set, &from("old.example", "client")));
+    }
+
+    #[test]
+    fn a_principal_written_for_the_alias_matches_the_trust_domain_too() {
+        let yaml = authz(
+            "demo",
+            "client-only",
+            "  rules:\n  - from:\n    - source:\n        principals: [\"old.example/ns/demo/sa/client\"]",
+        );
+        let set = aliased("new.example", &["old.example"], &yaml);
+        assert!(allowed(&set, &from("new.example", "client")));
+        assert!(allowed(&set, &from("old.example", "client")));
+        assert!(!allowed(&set, &from("cluster.local", "client")));
+    }
+
+    #[test]
+    fn cluster_local_stands_for_the_local_trust_domain() {
+        let yaml = authz("demo", "client-only", ALLOW_CLIENT);
+        let set = aliased("example.org", &[], &yaml);
+        assert!(allowed(&set, &from("example.org", "client")));
+        // As in Istio: the principal is rewritten, not kept beside.
+        assert!(!allowed(&set, &from("cluster.local", "client")));
+    }
+
+    #[test]
+    fn deny_not_principals_and_conditions_cover_the_aliases() {
+        let deny = format!(
+            "{}{}",
+            authz(
+                "demo",
+                "deny-evil",
+                "  action: DENY\n  rules:\n  - from:\n    - source:\n        principals: [\"old.example/ns/demo/sa/evil\"]"
+            ),
+            authz(
+                "demo",
+                "deny-by-condition",
+                "  action: DENY\n  rules:\n  - when:\n    - key: source.principal\n      values: [\"cluster.local/ns/demo/sa/banned\"]"
+            ),
+        );
+        let set = aliased("cluster.local", &["old.example"], &deny);
+        for trust_domain in ["cluster.local", "old.example"] {
+            assert!(
+                !allowed(&set, &from(trust_domain, "evil")),
+                "{trust_domain}"
+            );
+            assert!(
+                !allowed(&set, &from(trust_domain, "banned")),
+                "{trust_domain}"
+            );
+            assert!(
+                allowed(&set, &from(trust_domain, "client")),
+                "{trust_domain}"
+            );
+        }
+
+        let not_principals = authz(
+            "demo",
+            "all-but-evil",
+            "  rules:\n  - from:\n    - source:\n        notPrincipals: [\"cluster.local/ns/demo/sa/evil\"]",
+        );
+        let set = aliased("cluster.local", &["old.example"], &not_principals);
+        assert!(allowed(&set, &from("old.example", "client")));
+        assert!(
+            !allowed(&set, &from("old.example", "evil")),
+            "notPrincipals excludes the alias's evil too"
+        );
+    }
+
+    #[test]
+    fn wildcard_trust_domains_are_left_as_written() {
+        let yaml = authz(
+            "demo",
+            "any-domain",
+            "  rules:\n  - from:\n    - source:\n        principals: [\"*/ns/demo/sa/client\"]",
+        );
+        let set = aliased("cluster.local", &["old.example"], &yaml);
+        assert!(allowed(&set, &from("anything.example", "client")));
+        assert!(!allowed(&set, &from("old.example", "peer")));
+    }
 }

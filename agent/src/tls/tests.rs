@@ -671,3 +671,33 @@ async fn renewal_keeps_open_connections_and_serves_new_handshakes() {
     exchange(&mut new_s, &mut new_c, 4).await;
     exchange(&mut old_s, &mut old_c, 5).await;
 }
+
+/// `--trust-domain-aliases` widens what a policy principal names, not who may connect:
+/// a client of another (aliased) trust domain is accepted with its identity when its
+/// certificate chains to the trust bundle, and refused as of an unknown CA otherwise.
+#[tokio::test]
+async fn a_client_of_an_aliased_trust_domain_needs_the_trust_bundle() {
+    let mesh = TestPki::new("mesh");
+    let aliased = id("old.example", "client");
+    let server = server_config(mesh.manager(&server_id()), server_id()).unwrap();
+
+    let client = client_config(mesh.manager(&aliased), aliased.clone(), server_id()).unwrap();
+    let (s, c) = handshake(server.clone(), client).await;
+    let (s, _c) = (s.unwrap(), c.unwrap());
+    assert_eq!(peer_identity(s.get_ref().1).unwrap(), aliased);
+
+    // The same identity from a CA outside the bundle (the client trusts the mesh, so
+    // only its own certificate is wrong).
+    let outside = TestPki::new("old mesh");
+    let client = client_config(
+        mesh.manager_with(&aliased, outside.leaf(&aliased, |_| {})),
+        aliased.clone(),
+        server_id(),
+    )
+    .unwrap();
+    let (server_error, _) = refused(server, client).await;
+    assert!(
+        matches!(server_error, TlsError::UnknownCa),
+        "{server_error}"
+    );
+}

@@ -28,6 +28,7 @@ async fn control(server: &TestApiServer) -> KubernetesControl {
         client(server),
         PolicyConfig {
             root_namespace: "istio-system".into(),
+            ..PolicyConfig::default()
         },
     );
     tokio::time::timeout(WAIT, started)

@@ -15,7 +15,10 @@
 //!
 //! # Semantics where Istio leaves room, or warren cannot do what the YAML asks
 //!
-//! The rule throughout: **an unsupported feature never loosens policy.**
+//! The rule throughout: **an unsupported feature never loosens policy**, and neither
+//! does a document that does not decode: it is a [`BrokenPolicy`] in the set, failing
+//! closed for every workload it may target (refused for an AuthorizationPolicy, STRICT
+//! for a PeerAuthentication), while the documents that decode are in force as written.
 //!
 //! - **L7 attributes** (`to.operation` `hosts`/`methods`/`paths`, `from.source`
 //!   `requestPrincipals`/`remoteIpBlocks`, `when` keys other than `source.ip`,

@@ -21,7 +21,12 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
-use crate::{identity::format_time, proxy::ProxyContext};
+use crate::{
+    identity::format_time,
+    policy::{PolicyKind, PolicySet},
+    proxy::ProxyContext,
+    workload::Workload,
+};
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen for the {what} endpoint on {addr}: {source} (is another agent running in this netns? change {flag})")]
@@ -219,6 +224,7 @@ impl AdminState {
             })
             .collect();
         let warnings: Vec<String> = policy.warnings().iter().map(|w| w.to_string()).collect();
+        let not_decoding = not_decoding(&policy, index.all().map(|w| w.as_ref()));
         let certificates: Vec<Value> = self
             .ctx
             .secrets
@@ -249,11 +255,49 @@ impl AdminState {
                 "peer_authentications": peer_authentications,
                 "authorization_policies": authorization_policies,
                 "warnings": warnings,
+                "not_decoding": not_decoding,
             },
             "certificates": certificates,
             "recent_refusals": self.ctx.refusals.snapshot(),
         })
     }
+}
+
+/// The policy documents that do not decode, each with the workloads in the mesh it fails
+/// closed for (`ns/name`, sorted).
+fn not_decoding<'a>(
+    policy: &PolicySet,
+    workloads: impl Iterator<Item = &'a Workload>,
+) -> Vec<Value> {
+    let root = policy.config().root_namespace.as_str();
+    let workloads: Vec<&Workload> = workloads.filter(|w| w.in_mesh).collect();
+    policy
+        .broken()
+        .iter()
+        .map(|broken| {
+            let mut affected: Vec<String> = workloads
+                .iter()
+                .filter(|w| {
+                    [
+                        PolicyKind::PeerAuthentication,
+                        PolicyKind::AuthorizationPolicy,
+                    ]
+                    .into_iter()
+                    .any(|kind| broken.may_apply(kind, root, w))
+                })
+                .map(|w| w.to_string())
+                .collect();
+            affected.sort();
+            json!({
+                "location": broken.location,
+                "kind": broken.kind.map(|k| k.to_string()),
+                "scope": broken.scope(root),
+                "consequence": broken.consequence(),
+                "error": broken.error,
+                "workloads": affected,
+            })
+        })
+        .collect()
 }
 
 /// Serve the admin endpoints on `listener` forever.
@@ -393,5 +437,57 @@ where
                 tracing::debug!(listener = name, error = %err, "connection ended with an error");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::policy::{decode_file, testing::authz};
+
+    fn workload(namespace: &str, name: &str, app: &str) -> Workload {
+        Workload {
+            namespace: namespace.into(),
+            name: name.into(),
+            service_account: name.into(),
+            labels: [("app".to_owned(), app.to_owned())].into(),
+            node: "n1".into(),
+            ips: vec![],
+            netns: Default::default(),
+            cgroup: None,
+            in_mesh: true,
+            foreign_hbone: false,
+        }
+    }
+
+    #[test]
+    fn documents_that_do_not_decode_name_the_workloads_they_close() {
+        let text = authz(
+            "demo",
+            "typo",
+            "  selector: {matchLabels: {app: server}}\n  rules: [{to: [{operation: {port: [80]}}]}]",
+        );
+        let decoded = decode_file(&text, Path::new("policies/bad.yaml"));
+        let policy = PolicySet::decoded(Default::default(), decoded.policies, decoded.broken);
+        let workloads = [
+            workload("demo", "server", "server"),
+            workload("demo", "client", "client"),
+            workload("other", "server", "server"),
+        ];
+        let dump = not_decoding(&policy, workloads.iter());
+        assert_eq!(dump.len(), 1);
+        assert_eq!(dump[0]["location"], "policies/bad.yaml:1");
+        assert_eq!(dump[0]["kind"], "AuthorizationPolicy");
+        assert_eq!(dump[0]["workloads"], json!(["demo/server"]));
+        assert_eq!(dump[0]["scope"], "workloads app=server of namespace demo");
+        assert!(
+            dump[0]["error"]
+                .as_str()
+                .unwrap()
+                .contains("unknown field `port`"),
+            "{dump:?}"
+        );
     }
 }

@@ -28,7 +28,7 @@ use crate::{
     },
     metrics::{self, Metrics},
     netns::{Netns, NetnsError},
-    policy::{self, PolicyConfig, PolicyError, PolicySet, SharedPolicy},
+    policy::{self, PolicyConfig, PolicyError, PolicyFiles, PolicySet, SharedPolicy},
     proxy::{hbone, ProxyContext},
     redirect::{
         self,
@@ -114,6 +114,7 @@ pub async fn run(config: Config, logs: Option<LogControl>) -> Result<(), AgentEr
         local,
         workloads,
         policy,
+        policy_files,
         followed,
     } = match &config.control {
         Control::Local { config_file } => start_local(config_file, &config, &policy_config)?,
@@ -123,6 +124,7 @@ pub async fn run(config: Config, logs: Option<LogControl>) -> Result<(), AgentEr
         } => start_cluster(&config.node, cni_socket, proc_root, policy_config.clone()).await?,
     };
     policy.log_warnings();
+    policy.log_broken();
     let shared_policy = SharedPolicy::new(policy);
     let metrics_listener = metrics::bind(config.metrics_addr).await?;
     let admin_listener = admin::bind_admin(config.admin_addr).await?;
@@ -208,11 +210,13 @@ pub async fn run(config: Config, logs: Option<LogControl>) -> Result<(), AgentEr
     metrics.set_redirect_mode(mechanism.as_str());
     metrics.watch_certificates(secrets.clone());
     tokio::spawn(metrics::serve(metrics_listener, metrics.clone()));
-    if let Some(path) = &config.policy {
+    metrics.watch_policy(shared_policy.clone());
+    if let (Some(path), Some(files)) = (&config.policy, policy_files) {
         tokio::spawn(policy::watch::watch(
             path.clone(),
             policy_config,
             shared_policy.clone(),
+            files,
         ));
     }
     let ctx = Arc::new(ProxyContext {
@@ -279,6 +283,8 @@ struct Start {
     local: LocalConfig,
     workloads: Vec<Arc<Workload>>,
     policy: PolicySet,
+    /// The policy files `policy` was read from (local mode with `--policy`).
+    policy_files: Option<PolicyFiles>,
     followed: Followed,
 }
 
@@ -301,14 +307,20 @@ fn start_local(
         source,
     })?;
     let local = LocalConfig::parse(&text, config_file)?;
-    let policy = match &config.policy {
-        Some(path) => PolicySet::load(policy_config.clone(), path)?,
-        None => PolicySet::new(policy_config.clone(), []),
+    // Documents that do not decode fail closed in the set; only an unreadable path stops
+    // the start.
+    let (policy_files, policy) = match &config.policy {
+        Some(path) => {
+            let (files, policy) = policy::watch::load(policy_config.clone(), path)?;
+            (Some(files), policy)
+        }
+        None => (None, PolicySet::new(policy_config.clone(), [])),
     };
     Ok(Start {
         workloads: local.enrolled_on(&config.node),
         local,
         policy,
+        policy_files,
         followed: Followed::File {
             path: config_file.to_owned(),
             text,
@@ -364,6 +376,7 @@ async fn start_cluster(
         workloads: source.servable(&local),
         local,
         policy: state.policies.clone(),
+        policy_files: None,
         followed: Followed::Cluster(Box::new(source)),
     })
 }

@@ -85,7 +85,7 @@ pub struct CheckArgs {
 pub enum CheckError {
     #[error("{0}\nnothing was checked: fix the config file (the agent would refuse it too) and run warren check again")]
     Config(#[from] LocalConfigError),
-    #[error("{0}\nnothing was checked: fix the policy (the agent would refuse it too: at start-up it does not start, on reload it keeps the policy in force) and run warren check again")]
+    #[error("{0}\nnothing was checked: the policy path cannot be read (the agent would not start with it; if it becomes unreadable while the agent runs, the policy in force stays)")]
     Policy(#[from] PolicyError),
     #[error("--trust-domain {value:?} is not a valid SPIFFE trust domain: {reason}")]
     TrustDomain { value: String, reason: String },
@@ -169,6 +169,8 @@ pub struct Report {
     pub outside_mesh: Vec<Arc<Workload>>,
     pub peer_authentications: usize,
     pub authorization_policies: usize,
+    /// Policy documents that do not decode (each is also a finding).
+    pub not_decoding: usize,
     /// The workloads in the mesh (on `node`, if given), by namespace/name.
     pub workloads: Vec<WorkloadReport>,
     /// What will fail or surprise; empty when all is well.
@@ -211,6 +213,9 @@ pub enum MtlsScope {
     Workload { selector: String },
     /// A `portLevelMtls` entry.
     Port,
+    /// A PeerAuthentication document that does not decode and may apply: STRICT (fail
+    /// closed).
+    DoesNotDecode,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,6 +237,9 @@ pub enum AuthorizationSummary {
     AllowList { with_deny: bool },
     /// ALLOW policies, none of whose rules can match at L4: everything is refused.
     DenyAll,
+    /// An AuthorizationPolicy document that does not decode may apply: everything is
+    /// refused (fail closed) until it is fixed.
+    DoesNotDecode,
 }
 
 /// An AuthorizationPolicy in the scope of a workload.
@@ -272,6 +280,8 @@ pub enum FindingKind {
     InvalidIdentity,
     /// `--node` names a node no workload is on.
     UnknownNode,
+    /// A policy document that does not decode: the workloads it may target fail closed.
+    PolicyDoesNotDecode,
 }
 
 /// One problem: what is concerned, what happens, what to do.
@@ -346,6 +356,7 @@ pub fn check(
         outside_mesh,
         peer_authentications: policy.peer_authentications().len(),
         authorization_policies: policy.authorization_policies().len(),
+        not_decoding: policy.broken().len(),
         workloads,
         findings,
     }
@@ -404,7 +415,12 @@ fn workload_report(
         .filter(|p| p.action == Action::Allow)
         .collect();
     let with_deny = enforced.len() > allows.len();
-    let authorization = if allows.is_empty() {
+    let authorization = if policy
+        .broken_for(PolicyKind::AuthorizationPolicy, workload)
+        .is_some()
+    {
+        AuthorizationSummary::DoesNotDecode
+    } else if allows.is_empty() {
         if with_deny {
             AuthorizationSummary::DenyOnly
         } else {
@@ -456,6 +472,7 @@ fn decision(
             .find(|p| p.meta.namespace == reference.namespace() && p.meta.name == reference.name())
             .and_then(|p| p.selector.as_ref());
         let scope = match selector {
+            _ if reference.is_unreadable() => MtlsScope::DoesNotDecode,
             _ if port_level => MtlsScope::Port,
             Some(selector) => MtlsScope::Workload {
                 selector: selector.to_string(),
@@ -487,8 +504,16 @@ impl fmt::Display for MtlsDecision {
                 self.mode
             );
         };
+        if *scope == MtlsScope::DoesNotDecode {
+            return write!(
+                f,
+                "{} — policy document {policy} does not decode and may be a PeerAuthentication for this workload (fail closed)",
+                self.mode
+            );
+        }
         write!(f, "{} — PeerAuthentication {policy} (", self.mode)?;
         match scope {
+            MtlsScope::DoesNotDecode => {}
             MtlsScope::Mesh => f.write_str("mesh-wide")?,
             MtlsScope::Namespace => f.write_str("namespace-wide")?,
             MtlsScope::Workload { selector } => write!(f, "selector {selector}")?,
@@ -519,6 +544,9 @@ impl fmt::Display for AuthorizationSummary {
             }
             AuthorizationSummary::DenyAll => {
                 "ALLOW policies apply but none of their rules can match at L4; every connection is refused (deny all)"
+            }
+            AuthorizationSummary::DoesNotDecode => {
+                "an AuthorizationPolicy document that does not decode may apply; every connection is refused until it is fixed (fail closed, see the problems below)"
             }
         })
     }
@@ -578,8 +606,13 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "policies: {} PeerAuthentication, {} AuthorizationPolicy",
-            self.peer_authentications, self.authorization_policies
+            "policies: {} PeerAuthentication, {} AuthorizationPolicy{}",
+            self.peer_authentications,
+            self.authorization_policies,
+            match self.not_decoding {
+                0 => String::new(),
+                n => format!(", {n} document(s) that do not decode"),
+            }
         )?;
         if self.workloads.is_empty() {
             writeln!(

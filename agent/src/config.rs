@@ -152,8 +152,9 @@ pub struct AgentArgs {
     pub cert_lifetime: Duration,
 
     /// Istio security policy (PeerAuthentication, AuthorizationPolicy): a YAML file or a
-    /// directory of them. Re-read when it changes; a file that does not decode is refused
-    /// and the policy in force stays.
+    /// directory of them. Re-read when it changes (applied once it reads the same on two
+    /// polls a second apart); a document that does not decode fails closed: the workloads
+    /// it may target are refused (AuthorizationPolicy) or STRICT (PeerAuthentication).
     #[arg(long, env = ENV_POLICY, value_name = "PATH")]
     pub policy: Option<PathBuf>,
 

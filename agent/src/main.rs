@@ -81,6 +81,9 @@ enum Command {
     /// workload, and flag what will fail or surprise. Exit status: 0 nothing flagged,
     /// 1 problems flagged, 2 the inputs cannot be read.
     Check(warren::check::CheckArgs),
+    /// Istio policy files (PeerAuthentication, AuthorizationPolicy).
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Remove everything warren added to a node (eBPF pins, iptables rules in its pods),
     /// so pod traffic flows directly again. Run it once the agent has stopped; a second
     /// run finds nothing to do.
@@ -125,6 +128,20 @@ enum CaCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Decode a policy file (or every *.yaml/*.yml of a directory) exactly as the agent
+    /// does, and refuse it, with file:line:column and the reason, if any document does
+    /// not decode — what `kubectl apply` or `istioctl validate` would say before a file
+    /// is put in place. Exit status: 0 every document decodes, 1 one does not or the
+    /// path cannot be read.
+    Validate {
+        /// The policy file or directory.
+        #[arg(value_name = "PATH")]
+        path: std::path::PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum CniCommand {
     /// Copy `warren-cni` into the CNI bin dir and append it to the node's network config.
     /// Running it again changes nothing.
@@ -155,6 +172,24 @@ fn main() -> ExitCode {
             ExitCode::from(warren::verify::exit_code(&outcome))
         }
         Command::Status(args) => status(&args),
+        Command::Policy(PolicyCommand::Validate { path }) => {
+            match warren::policy::decode::load_path(&path) {
+                Ok(policies) => {
+                    println!(
+                        "{}: {} polic{} decode{}",
+                        path.display(),
+                        policies.len(),
+                        if policies.len() == 1 { "y" } else { "ies" },
+                        if policies.len() == 1 { "s" } else { "" }
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Uninstall(args) => {
             if !nix::unistd::geteuid().is_root() {
                 eprintln!("error: warren uninstall must run as root: it enters pods' network namespaces and removes pinned eBPF objects");

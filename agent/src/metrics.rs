@@ -23,6 +23,7 @@ use tokio::net::TcpListener;
 
 use crate::{
     identity::SecretManager,
+    policy::{PolicyKind, SharedPolicy},
     proxy::{
         access_log::{ConnectionRecord, Direction, Security},
         hbone::{self, Baggage},
@@ -205,9 +206,12 @@ pub struct Metrics {
     policy_refusals: IntCounterVec,
     handshake_errors: IntCounterVec,
     certificate_expiry: IntGaugeVec,
+    policy_errors: IntGaugeVec,
     pool: hbone::Pool,
     /// Where certificate expiries are read at each scrape (set once the agent has one).
     secrets: OnceLock<Arc<SecretManager>>,
+    /// Where the policy in force is read at each scrape.
+    policy: OnceLock<Arc<SharedPolicy>>,
 }
 
 impl Metrics {
@@ -277,6 +281,15 @@ impl Metrics {
             &["identity"],
         )?;
         registry.register(Box::new(certificate_expiry.clone()))?;
+        // Bounded: the two policy kinds and `unknown`.
+        let policy_errors = IntGaugeVec::new(
+            Opts::new(
+                "warren_policy_errors",
+                "Policy documents (or cluster objects) that do not decode, by kind (unknown: not even the kind can be read). The workloads each may target fail closed: refused (AuthorizationPolicy) or STRICT (PeerAuthentication). warren status names them.",
+            ),
+            &["kind"],
+        )?;
+        registry.register(Box::new(policy_errors.clone()))?;
         registry.register(Box::new(enrolled_pods.clone()))?;
         registry.register(Box::new(pool_connections.clone()))?;
         Ok(Self {
@@ -291,8 +304,10 @@ impl Metrics {
             policy_refusals,
             handshake_errors,
             certificate_expiry,
+            policy_errors,
             pool,
             secrets: OnceLock::new(),
+            policy: OnceLock::new(),
         })
     }
 
@@ -307,6 +322,11 @@ impl Metrics {
     /// Read certificate expiries from `secrets` at each scrape.
     pub fn watch_certificates(&self, secrets: Arc<SecretManager>) {
         let _ = self.secrets.set(secrets);
+    }
+
+    /// Read the policy in force from `policy` at each scrape (`warren_policy_errors`).
+    pub fn watch_policy(&self, policy: Arc<SharedPolicy>) {
+        let _ = self.policy.set(policy);
     }
 
     /// Count a failed mesh TLS handshake; `reason` from [`crate::tls::TlsError::reason_label`]
@@ -368,6 +388,20 @@ impl Metrics {
                 self.certificate_expiry
                     .with_label_values(&[certificate.identity.to_string().as_str()])
                     .set(expires);
+            }
+        }
+        if let Some(policy) = self.policy.get() {
+            let policy = policy.current();
+            for kind in [
+                Some(PolicyKind::PeerAuthentication),
+                Some(PolicyKind::AuthorizationPolicy),
+                None,
+            ] {
+                let count = policy.broken().iter().filter(|b| b.kind == kind).count();
+                let label = kind.map_or("unknown".to_owned(), |k| k.to_string());
+                self.policy_errors
+                    .with_label_values(&[label.as_str()])
+                    .set(count as i64);
             }
         }
         let mut out = Vec::new();
@@ -446,6 +480,36 @@ mod tests {
         assert!(page.contains("warren_enrolled_pods 3"), "{page}");
         assert!(page.contains("warren_hbone_pool_connections 0"), "{page}");
         assert!(get(addr, "/other").await.starts_with("HTTP/1.1 404"));
+    }
+
+    #[test]
+    fn policy_documents_that_do_not_decode_are_counted_by_kind() {
+        let metrics = Metrics::new(hbone::Pool::new(hbone::PoolConfig::default())).unwrap();
+        let text = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: demo}\nspec: {rules: [{from: []}]}\n---\n{unclosed: [\n";
+        let decoded = crate::policy::decode_file(text, std::path::Path::new("p.yaml"));
+        let shared = SharedPolicy::new(crate::policy::PolicySet::decoded(
+            Default::default(),
+            decoded.policies,
+            decoded.broken,
+        ));
+        metrics.watch_policy(shared.clone());
+        let page = metrics.render();
+        assert!(
+            page.contains("warren_policy_errors{kind=\"AuthorizationPolicy\"} 1"),
+            "{page}"
+        );
+        assert!(
+            page.contains("warren_policy_errors{kind=\"unknown\"} 1"),
+            "{page}"
+        );
+        assert!(
+            page.contains("warren_policy_errors{kind=\"PeerAuthentication\"} 0"),
+            "{page}"
+        );
+        shared.replace(Default::default());
+        assert!(metrics
+            .render()
+            .contains("warren_policy_errors{kind=\"unknown\"} 0"));
     }
 
     fn workload(namespace: &str, name: &str, labels: &[(&str, &str)]) -> Arc<Workload> {

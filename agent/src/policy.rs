@@ -15,7 +15,10 @@
 //!
 //! # Semantics where Istio leaves room, or warren cannot do what the YAML asks
 //!
-//! The rule throughout: **an unsupported feature never loosens policy.**
+//! The rule throughout: **an unsupported feature never loosens policy**, and neither
+//! does a document that does not decode: it is a [`BrokenPolicy`] in the set, failing
+//! closed for every workload it may target (refused for an AuthorizationPolicy, STRICT
+//! for a PeerAuthentication), while the documents that decode are in force as written.
 //!
 //! - **L7 attributes** (`to.operation` `hosts`/`methods`/`paths`, `from.source`
 //!   `requestPrincipals`/`remoteIpBlocks`, `when` keys other than `source.ip`,
@@ -55,9 +58,13 @@ mod trust_domain;
 
 use std::{fmt, net::IpAddr, path::Path, sync::Arc};
 
-pub use decode::{decode_str, load_path, InvalidDocument, PolicyError};
+pub use decode::{
+    decode_file, decode_str, load_documents, load_path, Decoded, InvalidDocument, PolicyError,
+    PolicyFiles,
+};
 pub use model::{
-    Action, AuthorizationPolicy, PeerAuthentication, PeerAuthenticationMode, Policy, PolicyMeta,
+    Action, AuthorizationPolicy, BrokenPolicy, PeerAuthentication, PeerAuthenticationMode, Policy,
+    PolicyMeta,
 };
 pub use watch::SharedPolicy;
 
@@ -107,13 +114,17 @@ impl fmt::Display for PolicyKind {
     }
 }
 
-/// Names one policy: displayed `namespace/name`, as logs and counters show it. Cloning
-/// costs two reference counts.
+/// Names one policy: displayed `namespace/name`, as logs and counters show it — or, for
+/// a document that does not decode ([`BrokenPolicy`]), its location (`file:line`),
+/// shown `policy document file:line` in the access log. Cloning costs two reference
+/// counts.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PolicyRef {
     kind: PolicyKind,
     namespace: Arc<str>,
     name: Arc<str>,
+    /// A document that does not decode: `name` is its location, `namespace` is empty.
+    unreadable: bool,
 }
 
 impl PolicyRef {
@@ -122,7 +133,23 @@ impl PolicyRef {
             kind,
             namespace: namespace.into(),
             name: name.into(),
+            unreadable: false,
         }
+    }
+
+    /// The document at `location` that does not decode, acting as a `kind`.
+    pub fn unreadable(kind: PolicyKind, location: &str) -> Self {
+        Self {
+            kind,
+            namespace: "".into(),
+            name: location.into(),
+            unreadable: true,
+        }
+    }
+
+    /// Whether this names a document that does not decode (see [`Self::unreadable`]).
+    pub fn is_unreadable(&self) -> bool {
+        self.unreadable
     }
 
     fn of(kind: PolicyKind, meta: &PolicyMeta) -> Self {
@@ -144,12 +171,18 @@ impl PolicyRef {
 
 impl fmt::Display for PolicyRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.unreadable {
+            return f.write_str(&self.name);
+        }
         write!(f, "{}/{}", self.namespace, self.name)
     }
 }
 
 impl fmt::Debug for PolicyRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.unreadable {
+            return write!(f, "policy document {}", self.name);
+        }
         write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
     }
 }
@@ -248,6 +281,8 @@ struct Inner {
     authorization_policies: Vec<AuthorizationPolicy>,
     peer: peer_authentication::PeerIndex,
     authz: authorization::AuthzIndex,
+    /// Documents that do not decode: they fail closed for what they may target.
+    broken: Vec<BrokenPolicy>,
     warnings: Vec<PolicyWarning>,
 }
 
@@ -263,6 +298,7 @@ impl fmt::Debug for PolicySet {
                 "authorization_policies",
                 &self.inner.authorization_policies.len(),
             )
+            .field("broken", &self.inner.broken.len())
             .field("warnings", &self.inner.warnings.len())
             .finish()
     }
@@ -279,6 +315,18 @@ impl PolicySet {
     /// old policies (for files: file name, then document). Never fails: what cannot be
     /// honoured as written is handled fail-closed and listed in [`Self::warnings`].
     pub fn new(config: PolicyConfig, policies: impl IntoIterator<Item = Policy>) -> Self {
+        Self::decoded(config, policies, [])
+    }
+
+    /// Build the set from what decoded and what did not: each [`BrokenPolicy`] fails
+    /// closed for the workloads it may apply to ([`Self::authorize`] refuses them every
+    /// connection, [`Self::mtls_mode`] makes them STRICT), whatever the good policies
+    /// say.
+    pub fn decoded(
+        config: PolicyConfig,
+        policies: impl IntoIterator<Item = Policy>,
+        broken: impl IntoIterator<Item = BrokenPolicy>,
+    ) -> Self {
         let mut peer_authentications = Vec::new();
         let mut authorization_policies = Vec::new();
         for policy in policies {
@@ -325,14 +373,18 @@ impl PolicySet {
                 authorization_policies,
                 peer,
                 authz,
+                broken: broken.into_iter().collect(),
                 warnings,
             }),
         }
     }
 
-    /// Read a policy file or directory ([`load_path`]) and build the set.
+    /// Read a policy file or directory document by document ([`load_documents`]) and
+    /// build the set; documents that do not decode are in it as [`BrokenPolicy`]. Only a
+    /// path that cannot be read is an error.
     pub fn load(config: PolicyConfig, path: &Path) -> Result<Self, PolicyError> {
-        Ok(Self::new(config, load_path(path)?))
+        let decoded = load_documents(path)?;
+        Ok(Self::decoded(config, decoded.policies, decoded.broken))
     }
 
     pub fn config(&self) -> &PolicyConfig {
@@ -349,6 +401,35 @@ impl PolicySet {
         &self.inner.authorization_policies
     }
 
+    /// The documents that do not decode, in the order read.
+    pub fn broken(&self) -> &[BrokenPolicy] {
+        &self.inner.broken
+    }
+
+    /// The first document that does not decode and may be a `kind` applying to
+    /// `workload`.
+    pub fn broken_for(&self, kind: PolicyKind, workload: &Workload) -> Option<&BrokenPolicy> {
+        let root = self.inner.config.root_namespace.as_str();
+        self.inner
+            .broken
+            .iter()
+            .find(|b| b.may_apply(kind, root, workload))
+    }
+
+    /// Log every document that does not decode, with what it fails closed for.
+    pub fn log_broken(&self) {
+        let root = self.inner.config.root_namespace.as_str();
+        for broken in &self.inner.broken {
+            tracing::error!(
+                document = %broken.location,
+                "policy document does not decode, failing closed for {}: {}: {}",
+                broken.scope(root),
+                broken.consequence(),
+                broken.error
+            );
+        }
+    }
+
     /// What the operator should know about these policies (see [`PolicyWarning`]).
     pub fn warnings(&self) -> &[PolicyWarning] {
         &self.inner.warnings
@@ -363,14 +444,35 @@ impl PolicySet {
 
     /// The mTLS mode `workload` requires on `port`, and the PeerAuthentication that
     /// decided it (`None`: no policy applies, the mesh default PERMISSIVE).
+    /// A PeerAuthentication document that does not decode and may apply to `workload`
+    /// makes it STRICT, whatever else applies.
     pub fn mtls_mode(&self, workload: &Workload, port: u16) -> (MtlsMode, Option<PolicyRef>) {
+        if let Some(broken) = self.broken_for(PolicyKind::PeerAuthentication, workload) {
+            return (
+                MtlsMode::Strict,
+                Some(PolicyRef::unreadable(
+                    PolicyKind::PeerAuthentication,
+                    &broken.location,
+                )),
+            );
+        }
         self.inner.peer.resolve(workload, port)
     }
 
     /// Whether the connection may reach `workload`: any matching DENY (or CUSTOM)
     /// policy denies; otherwise, if ALLOW policies apply to the workload, one of them
-    /// must match; otherwise it is allowed.
+    /// must match; otherwise it is allowed. Before all that, an AuthorizationPolicy
+    /// document that does not decode and may apply to `workload` refuses everything.
     pub fn authorize(&self, workload: &Workload, connection: &ConnectionInfo) -> Decision {
+        if let Some(broken) = self.broken_for(PolicyKind::AuthorizationPolicy, workload) {
+            return Decision::Deny {
+                policy: PolicyRef::unreadable(PolicyKind::AuthorizationPolicy, &broken.location),
+                reason: format!(
+                    "it does not decode, so every connection to the workloads it may apply to is refused until it is fixed (fail closed): {}",
+                    broken.error
+                ),
+            };
+        }
         self.inner
             .authz
             .authorize(&self.inner.config.root_namespace, workload, connection)

@@ -3,8 +3,9 @@
 //! running agent's `/config_dump` on the node's loopback (`--admin-addr`), so it runs
 //! where the agent runs (`kubectl exec` into the DaemonSet pod, or the lab's node).
 //!
-//! Exit status: [`EXIT_HEALTHY`], [`EXIT_UNHEALTHY`] (not ready, or a certificate
-//! expired or failing to renew), [`EXIT_UNREACHABLE`] (no agent answered).
+//! Exit status: [`EXIT_HEALTHY`], [`EXIT_UNHEALTHY`] (not ready, a certificate expired
+//! or failing to renew, or a policy document that does not decode — the workloads it may
+//! target fail closed), [`EXIT_UNREACHABLE`] (no agent answered).
 use std::{
     fmt,
     net::SocketAddr,
@@ -20,7 +21,8 @@ use crate::proxy::refusals::Refusal;
 
 /// Exit status: ready, and every certificate valid and renewing.
 pub const EXIT_HEALTHY: u8 = 0;
-/// Exit status: the agent answered, and something needs attention.
+/// Exit status: the agent answered, and something needs attention (readiness, a
+/// certificate, a policy document that does not decode).
 pub const EXIT_UNHEALTHY: u8 = 1;
 /// Exit status: no agent answered on the admin address.
 pub const EXIT_UNREACHABLE: u8 = 2;
@@ -90,6 +92,19 @@ pub struct PoliciesView {
     pub peer_authentications: Vec<serde_json::Value>,
     pub authorization_policies: Vec<serde_json::Value>,
     pub warnings: Vec<String>,
+    /// Policy documents that do not decode (absent from older agents' dumps).
+    #[serde(default)]
+    pub not_decoding: Vec<BrokenPolicyView>,
+}
+
+/// A policy document that does not decode, and the workloads it fails closed for.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BrokenPolicyView {
+    pub location: String,
+    pub scope: String,
+    pub consequence: String,
+    pub error: String,
+    pub workloads: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -188,6 +203,7 @@ impl Summary<'_> {
     /// Whether anything needs attention.
     pub fn healthy(&self) -> bool {
         self.view.ready
+            && self.view.policies.not_decoding.is_empty()
             && self
                 .view
                 .certificates
@@ -293,6 +309,25 @@ impl fmt::Display for Summary<'_> {
                 " (warren check explains them)"
             }
         )?;
+        if !policies.not_decoding.is_empty() {
+            writeln!(
+                f,
+                "  {} POLICY DOCUMENT(S) DO NOT DECODE — failing closed until fixed:",
+                policies.not_decoding.len()
+            )?;
+        }
+        for broken in &policies.not_decoding {
+            let workloads = if broken.workloads.is_empty() {
+                "no workload in the mesh now".to_owned()
+            } else {
+                broken.workloads.join(", ")
+            };
+            writeln!(
+                f,
+                "  ! {}: for {}, {} ({workloads}): {}",
+                broken.location, broken.scope, broken.consequence, broken.error
+            )?;
+        }
 
         writeln!(
             f,
@@ -401,6 +436,30 @@ mod tests {
         );
         assert!(
             text.contains("10.77.2.12:40000 (plaintext) -> 10.77.1.10:8080 (demo/server) refused by PeerAuthentication demo/strict"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_policy_document_that_does_not_decode_needs_attention() {
+        let mut view = sample(true, "2026-12-02T10:00:00Z", None);
+        view.policies.not_decoding = vec![BrokenPolicyView {
+            location: "/run/policies/bad.yaml:3".into(),
+            scope: "every workload of namespace demo".into(),
+            consequence: "every connection to them is refused".into(),
+            error: "/run/policies/bad.yaml:7:5 (document 2): spec: unknown field `rule`".into(),
+            workloads: vec!["demo/server".into()],
+        }];
+        let summary = Summary {
+            view: &view,
+            now: at("2026-12-01T11:00:00Z"),
+        };
+        assert!(!summary.healthy());
+        assert_eq!(summary.exit_code(), EXIT_UNHEALTHY);
+        let text = summary.to_string();
+        assert!(
+            text.contains("1 POLICY DOCUMENT(S) DO NOT DECODE")
+                && text.contains("! /run/policies/bad.yaml:3: for every workload of namespace demo, every connection to them is refused (demo/server): /run/policies/bad.yaml:7:5"),
             "{text}"
         );
     }

@@ -119,21 +119,45 @@ fn check_reports_and_sets_the_exit_status() {
         "--node n2 only: {stdout}"
     );
 
-    // A policy that does not decode: nothing is checked, the file and line are named.
+    // A policy that does not decode is a problem, not an unreadable input: the file and
+    // line are named, and the workloads it fails closed for.
     std::fs::write(root.join("policies/typo.yaml"), TYPO).unwrap();
     let out = warren_check(
         &["--config", "workloads.yaml", "--policy", "policies"],
+        root,
+    );
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(EXIT_PROBLEMS),
+        "{stdout}{}",
+        text(&out.stderr)
+    );
+    assert!(
+        stdout.contains("  ! policy document policies/typo.yaml:1 does not decode: policies/typo.yaml:8:9 (document 1): spec.rules[0].from[0].source: unknown field `principal`"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("The agent fails closed for every workload of namespace demo: every connection to them is refused (demo/client, demo/peer, demo/server)."),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "authorization: an AuthorizationPolicy document that does not decode may apply"
+        ),
+        "{stdout}"
+    );
+
+    // A policy path that cannot be read: nothing is checked.
+    let out = warren_check(
+        &["--config", "workloads.yaml", "--policy", "no-such-policies"],
         root,
     );
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(EXIT_INPUT_ERROR), "{stderr}");
     assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
     assert!(
-        stderr.starts_with("error: policies/typo.yaml:8:9 (document 1): spec.rules[0].from[0].source: unknown field `principal`"),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains("nothing was checked: fix the policy"),
+        stderr.contains("no-such-policies") && stderr.contains("the policy path cannot be read"),
         "{stderr}"
     );
 

@@ -662,13 +662,13 @@ impl Lab {
     /// — and nothing is placed. The agents reload within a couple of seconds.
     pub fn apply_policy(&self, file: &Path) -> Result<PathBuf> {
         let warren = self.warren_binary()?;
-        crate::policy::apply(&warren, self.dir.root(), file, &self.dir.policies())
+        crate::policy::apply(&warren, file, &self.dir.policies())
     }
 
     /// Put `file` where every agent reads them *without* decoding it first — as an
     /// editor or a configuration tool that bypasses `apply` would: for tests of the
-    /// agents' own refusal of a file that does not decode (logged with file and line;
-    /// the policy in force stays).
+    /// agents' own handling of a file that does not decode (logged with file and line;
+    /// what it targets fails closed).
     pub fn place_policy_unchecked(&self, file: &Path) -> Result<PathBuf> {
         let target = crate::policy::target(&self.dir.policies(), file)?;
         crate::policy::place(file, &target)?;

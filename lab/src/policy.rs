@@ -1,21 +1,15 @@
 //! `cargo xtask lab apply -f`: Istio policy files placed where every agent reads them —
 //! checked first, as `kubectl apply` validates against the schema before anything is
 //! stored. The check is the agent's own decoder, run through the `warren` binary
-//! (`warren check`: it reads a policy exactly as the agent does and exits 2, with file,
-//! line, column and reason, when it cannot), since the lab does not link the agent's
-//! library: that would build the eBPF programs into every xtask command.
+//! (`warren policy validate`: it reads a policy exactly as the agent does and fails, with
+//! file, line, column and reason, when a document does not decode), since the lab does
+//! not link the agent's library: that would build the eBPF programs into every xtask
+//! command.
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context as _, Result};
-
-/// `warren check`'s exit status when its inputs cannot be read (a policy that does not
-/// decode); 0 and 1 are reports.
-const CHECK_INPUT_ERROR: i32 = 2;
-
-/// The workload config `warren check` is given: none, so only the policy is judged.
-const NO_WORKLOADS: &str = "workloads: []\n";
 
 /// Where `file` goes in `dir` (under its own name; `.yaml` added when it has neither
 /// `.yaml` nor `.yml`, the only files the agents read).
@@ -33,51 +27,27 @@ pub fn target(dir: &Path, file: &Path) -> Result<PathBuf> {
     Ok(dir.join(name))
 }
 
-/// Whether the agents would accept `file`: decoded by `warren` (the binary at `warren`),
-/// with `scratch` a directory it may write a file into. The error names the file, line,
-/// column and reason, as the agent would log them.
-pub fn validate(warren: &Path, scratch: &Path, file: &Path) -> Result<()> {
-    let config = scratch.join("policy-check-workloads.yaml");
-    fs::write(&config, NO_WORKLOADS).with_context(|| format!("writing {}", config.display()))?;
+/// Whether the agents would accept `file`: decoded by `warren` (the binary at `warren`).
+/// The error names the file, line, column and reason, as the agent would log them.
+pub fn validate(warren: &Path, file: &Path) -> Result<()> {
     let out = Command::new(warren)
-        .arg("check")
-        .arg("--config")
-        .arg(&config)
-        .arg("--policy")
+        .args(["policy", "validate"])
         .arg(file)
-        .env_remove("WARREN_ROOT_NAMESPACE")
-        .env_remove("WARREN_TRUST_DOMAIN")
-        .env_remove("WARREN_TRUST_DOMAIN_ALIASES")
         .output()
-        .with_context(|| format!("running {} check", warren.display()))?;
-    match out.status.code() {
-        Some(0 | 1) => Ok(()),
-        Some(CHECK_INPUT_ERROR) => {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let reason = stderr
-                .trim()
-                .trim_start_matches("error: ")
-                .split("\nnothing was checked")
-                .next()
-                .unwrap_or_default()
-                .trim();
-            bail!("{reason}\nthe agents would refuse this file; nothing was applied")
-        }
-        _ => bail!(
-            "{} check --policy {} failed ({}): {}",
-            warren.display(),
-            file.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ),
+        .with_context(|| format!("running {} policy validate", warren.display()))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let reason = stderr.trim().trim_start_matches("error: ");
+        bail!("{reason}\nthe agents would refuse this file; nothing was applied")
     }
+    Ok(())
 }
 
 /// [`validate`] `file`, then copy it into `dir` (see [`target`]); a file that does not
 /// decode is refused and nothing is placed. Returns where it was placed.
-pub fn apply(warren: &Path, scratch: &Path, file: &Path, dir: &Path) -> Result<PathBuf> {
+pub fn apply(warren: &Path, file: &Path, dir: &Path) -> Result<PathBuf> {
     let target = target(dir, file)?;
-    validate(warren, scratch, file)?;
+    validate(warren, file)?;
     place(file, &target)?;
     Ok(target)
 }
@@ -128,7 +98,7 @@ spec:
         // `mod` for `mode`, on line 8.
         fs::write(&broken, STRICT.replace("mode: STRICT", "mod: STRICT")).unwrap();
         let policies = dir.join("policies");
-        let err = apply(&warren, &dir, &broken, &policies)
+        let err = apply(&warren, &broken, &policies)
             .unwrap_err()
             .to_string();
         assert!(
@@ -146,14 +116,14 @@ spec:
         // A file that decodes goes in, under its own name.
         let good = dir.join("strict.yml");
         fs::write(&good, STRICT).unwrap();
-        let placed = apply(&warren, &dir, &good, &policies).unwrap();
+        let placed = apply(&warren, &good, &policies).unwrap();
         assert_eq!(placed, policies.join("strict.yml"));
         assert_eq!(fs::read_to_string(&placed).unwrap(), STRICT);
         assert_eq!(fs::read_dir(&policies).unwrap().count(), 1);
 
         // A broken new version of an applied file leaves the applied one in place.
         fs::write(&good, STRICT.replace("STRICT", "strict")).unwrap();
-        assert!(apply(&warren, &dir, &good, &policies).is_err());
+        assert!(apply(&warren, &good, &policies).is_err());
         assert_eq!(fs::read_to_string(&placed).unwrap(), STRICT);
         fs::remove_dir_all(&dir).unwrap();
     }

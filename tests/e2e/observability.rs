@@ -330,7 +330,7 @@ fn write_atomically(path: &std::path::Path, contents: &str) -> Result<()> {
 }
 
 /// `warren status` run on `node`: its exit status and what it printed.
-fn warren_status(lab: &Lab, node: &str) -> Result<(i32, String)> {
+pub(crate) fn warren_status(lab: &Lab, node: &str) -> Result<(i32, String)> {
     let warren = warren_lab::cargo::build_bin("warren", "warren")?;
     let out = lab
         .command(&format!("node/{node}"), warren)?

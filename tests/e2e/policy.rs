@@ -39,8 +39,8 @@ pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
     ),
     ("policy::port_level_mtls", port_level_mtls),
     (
-        "policy::malformed_file_keeps_the_previous_policy",
-        malformed_file_keeps_the_previous_policy,
+        "policy::malformed_file_fails_closed_and_freezes_nothing",
+        malformed_file_fails_closed_and_freezes_nothing,
     ),
 ];
 
@@ -313,51 +313,131 @@ spec:
     })
 }
 
-/// A malformed policy file is refused with its file and line, and the policy in force
-/// (STRICT) stays.
-fn malformed_file_keeps_the_previous_policy(lab: &Lab) -> Result<()> {
-    let app = lab.serve("demo/server", 0, AppMode::Echo)?;
-    let dst = lab.pod("demo/server").addr(Family::V4, app.port());
-    with_policies(lab, "strict", STRICT, || {
-        let dir = tempfile::tempdir()?;
-        let broken = dir.path().join("broken.yaml");
-        // `mod` for `mode`, on line 8: the kind of typo that must not weaken policy.
-        std::fs::write(
-            &broken,
-            STRICT
-                .replace("mode: STRICT", "mod: STRICT")
-                .replace("name: strict", "name: broken"),
-        )?;
-        // `apply_policy` would refuse it (as `kubectl apply` would): placed as a tool
-        // that bypasses it would, to see the agents refuse it too.
+/// A malformed file among good ones: the good files' changes (apply and delete) still
+/// take effect; the workload the bad file targets is refused every connection, and the
+/// refusal, `warren status`, and `warren_policy_errors` name the file and line.
+///
+/// `demo` is STRICT (a good file); the bad file is an AuthorizationPolicy for
+/// `app=server` in `demo` with `principal:` for `principals:` on line 9.
+fn malformed_file_fails_closed_and_freezes_nothing(lab: &Lab) -> Result<()> {
+    let server_app = lab.serve("demo/server", 0, AppMode::Echo)?;
+    let peer_app = lab.serve("demo/peer", 0, AppMode::Echo)?;
+    let to_server = lab.pod("demo/server").addr(Family::V4, server_app.port());
+    let to_peer = lab.pod("demo/peer").addr(Family::V4, peer_app.port());
+    let dir = tempfile::tempdir()?;
+    let strict = dir.path().join("e2e-strict.yaml");
+    let broken = dir.path().join("e2e-broken.yaml");
+    std::fs::write(&strict, STRICT)?;
+    std::fs::write(&broken, BROKEN_FOR_SERVER)?;
+    let reloaded_everywhere = |change: &dyn Fn() -> Result<std::path::PathBuf>| -> Result<()> {
+        let offsets = [
+            ("n1", lab.agent_log_len("n1")),
+            ("n2", lab.agent_log_len("n2")),
+        ];
+        change()?;
+        for (node, offset) in offsets {
+            wait_for_log(lab, node, offset, "policy reloaded")?;
+        }
+        Ok(())
+    };
+    reloaded_everywhere(&|| lab.apply_policy(&strict))?;
+    let n2 = lab.agent_log_len("n2");
+    // `lab apply` refuses it, as `kubectl apply` would; placed by a tool that does not
+    // check, the agents must fail closed on their own.
+    ensure!(
+        lab.apply_policy(&broken).is_err(),
+        "lab apply should refuse a file that does not decode"
+    );
+    reloaded_everywhere(&|| lab.place_policy_unchecked(&broken))?;
+    let result = (|| -> Result<()> {
+        let line = wait_for_log(lab, "n2", n2, "does not decode")?;
         ensure!(
-            lab.apply_policy(&broken).is_err(),
-            "lab apply should refuse a file that does not decode"
+            line.contains("e2e-broken.yaml:1")
+                && line.contains("e2e-broken.yaml:9")
+                && line.contains("principal"),
+            "the error should name the file, line and field: {line}"
         );
+
+        // The targeted workload fails closed, even for the allowed identity over mTLS.
         let n2 = lab.agent_log_len("n2");
-        lab.place_policy_unchecked(&broken)?;
-        let line = wait_for_log(lab, "n2", n2, "policy not reloaded")?;
-        let result = (|| -> Result<()> {
-            ensure!(
-                line.contains("broken.yaml:8"),
-                "the error should name the file and line: {line}"
-            );
-            ensure!(
-                line.contains("mod"),
-                "the error should name the unknown field: {line}"
-            );
-            let legacy = lab.connect("legacy/client", dst, AppMode::Echo, 1024)?;
-            ensure!(
-                !legacy.ok,
-                "STRICT was lost when a bad file arrived: {legacy:?}"
-            );
-            Ok(())
-        })();
-        lab.delete_policy(&broken)?;
-        wait_for_log(lab, "n2", n2, "policy reloaded")?;
-        result
-    })
+        let refused = lab.connect("demo/client", to_server, AppMode::Echo, 1024)?;
+        ensure!(
+            !refused.ok,
+            "demo/server is the bad file's target and must be refused: {refused:?}"
+        );
+        let record = access_record(lab, "n2", n2, "inbound", to_server)?;
+        let error = field(&record, "error");
+        ensure!(
+            error.contains("denied by policy document")
+                && error.contains("e2e-broken.yaml:1")
+                && error.contains("does not decode"),
+            "the refusal should name the bad document: {record}"
+        );
+        let page = metrics_page(lab, "n2")?;
+        ensure!(
+            metric_value(&page, r#"warren_policy_errors{kind="AuthorizationPolicy"}"#) == Some(1),
+            "warren_policy_errors should count the bad document:\n{page}"
+        );
+        let (code, status) = crate::observability::warren_status(lab, "n2")?;
+        ensure!(
+            code == 1
+                && status.contains("POLICY DOCUMENT(S) DO NOT DECODE")
+                && status.contains("e2e-broken.yaml:1")
+                && status.contains("(demo/server)"),
+            "warren status on n2 should name the bad document and demo/server (exit {code}):\n{status}"
+        );
+
+        // Not its target: demo/peer, STRICT from the good file.
+        ensure_ok(
+            &lab.connect("demo/client", to_peer, AppMode::Echo, 1024)?,
+            "demo/peer (not the bad file's target) over mTLS",
+        )?;
+        let legacy = lab.connect("legacy/client", to_peer, AppMode::Echo, 1024)?;
+        ensure!(
+            !legacy.ok,
+            "plaintext to demo/peer under STRICT: {legacy:?}"
+        );
+
+        // Deleting the good file still applies while the bad one stays.
+        reloaded_everywhere(&|| lab.delete_policy(&strict))?;
+        ensure_ok(
+            &lab.connect("legacy/client", to_peer, AppMode::Echo, 1024)?,
+            "plaintext to demo/peer once STRICT is deleted",
+        )?;
+        let legacy = lab.connect("legacy/client", to_server, AppMode::Echo, 1024)?;
+        ensure!(
+            !legacy.ok,
+            "demo/server stays closed while the bad file is there: {legacy:?}"
+        );
+        // And applying a good file again applies too.
+        reloaded_everywhere(&|| lab.apply_policy(&strict))?;
+        let legacy = lab.connect("legacy/client", to_peer, AppMode::Echo, 1024)?;
+        ensure!(!legacy.ok, "STRICT applied again: {legacy:?}");
+        Ok(())
+    })();
+    // Fixed (deleted): demo/server is reachable again.
+    reloaded_everywhere(&|| lab.delete_policy(&broken)).context("removing the bad file")?;
+    let _ = lab.delete_policy(&strict);
+    result?;
+    ensure_ok(
+        &lab.connect("demo/client", to_server, AppMode::Echo, 1024)?,
+        "demo/server once the bad file is gone",
+    )
 }
+
+/// An AuthorizationPolicy for `app=server` in `demo`, `principal` for `principals` on
+/// line 9.
+const BROKEN_FOR_SERVER: &str = "\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: broken, namespace: demo}
+spec:
+  selector: {matchLabels: {app: server}}
+  rules:
+  - from:
+    - source:
+        principal: [\"cluster.local/ns/demo/sa/client\"]
+";
 
 pub(crate) const STRICT: &str = "\
 apiVersion: security.istio.io/v1

@@ -187,6 +187,46 @@ pub(super) fn policies(
     for warning in warnings.into_iter().flatten() {
         findings.push(warning_finding(warning));
     }
+    not_decoding(config, policy, findings);
+}
+
+/// Each document that does not decode, with the workloads in the mesh it fails closed
+/// for — as the agent enforces it.
+fn not_decoding(config: &LocalConfig, policy: &PolicySet, findings: &mut Vec<Finding>) {
+    let root = policy.config().root_namespace.as_str();
+    for broken in policy.broken() {
+        let mut affected: Vec<String> = config
+            .workloads
+            .iter()
+            .filter(|w| w.in_mesh && !w.foreign_hbone)
+            .filter(|w| {
+                [
+                    PolicyKind::PeerAuthentication,
+                    PolicyKind::AuthorizationPolicy,
+                ]
+                .into_iter()
+                .any(|kind| broken.may_apply(kind, root, w))
+            })
+            .map(|w| w.to_string())
+            .collect();
+        affected.sort();
+        let subject = format!("policy document {}", broken.location);
+        let affected = if affected.is_empty() {
+            "no workload in the mesh now".to_owned()
+        } else {
+            affected.join(", ")
+        };
+        findings.push(Finding {
+            kind: FindingKind::PolicyDoesNotDecode,
+            message: format!(
+                "{subject} does not decode: {}. The agent fails closed for {}: {} ({affected}). Fix the document; the agent applies the fix within 2 seconds.",
+                broken.error,
+                broken.scope(root),
+                broken.consequence()
+            ),
+            subject,
+        });
+    }
 }
 
 fn warning_finding(warning: &crate::policy::PolicyWarning) -> Finding {

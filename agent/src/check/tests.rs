@@ -567,12 +567,67 @@ fn bad_inputs_are_errors_that_say_what_to_do() {
         trust_domain_aliases: vec![],
         node: None,
     };
-    let err = run(&args).unwrap_err().to_string();
-    assert!(
-        err.starts_with(&format!("{}:5:", policy.display())),
-        "{err}"
+    // A document that does not decode is a problem, named with the workloads it closes.
+    let outcome = run(&args);
+    assert_eq!(exit_code(&outcome), EXIT_PROBLEMS);
+    let report = outcome.unwrap();
+    let finding = report
+        .findings
+        .iter()
+        .find(|f| f.kind == FindingKind::PolicyDoesNotDecode)
+        .expect("a finding for the bad document");
+    assert_eq!(
+        finding.subject,
+        format!("policy document {}:1", policy.display())
     );
-    assert!(err.contains("nothing was checked: fix the policy"), "{err}");
+    assert!(
+        finding
+            .message
+            .contains(&format!("{}:5:", policy.display()))
+            && finding
+                .message
+                .contains("every workload of namespace demo: they are STRICT"),
+        "{finding}"
+    );
+    for workload in report
+        .workloads
+        .iter()
+        .filter(|w| w.workload.namespace == "demo")
+    {
+        assert_eq!(workload.mtls.mode, MtlsMode::Strict);
+        assert_eq!(
+            workload.mtls.decided_by.as_ref().map(|(_, scope)| scope),
+            Some(&MtlsScope::DoesNotDecode)
+        );
+    }
+    assert!(
+        report
+            .to_string()
+            .contains("1 document(s) that do not decode"),
+        "{report}"
+    );
+
+    // An AuthorizationPolicy that does not decode: its workloads are refused everything.
+    std::fs::write(
+        &policy,
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x, namespace: demo}\nspec: {rule: []}\n",
+    )
+    .unwrap();
+    let report = run(&args).unwrap();
+    assert!(report
+        .workloads
+        .iter()
+        .filter(|w| w.workload.namespace == "demo")
+        .all(|w| w.authorization == AuthorizationSummary::DoesNotDecode));
+
+    // A policy path that cannot be read is an input error.
+    let err = run(&CheckArgs {
+        policy: Some(dir.path().join("missing-policy")),
+        ..args.clone()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("the policy path cannot be read"), "{err}");
 
     let err = run(&CheckArgs {
         trust_domain: "Bad Domain".to_owned(),

@@ -16,14 +16,22 @@
 //! [`LocalConfig::enrolled_on`].
 //!
 //! Istio's CRDs are read at `security.istio.io/v1`, else `v1beta1` (older Istio); when
-//! neither is served the policies are empty, with a warning saying how to install them.
+//! neither is served the policies of that kind are empty, with a warning saying how to
+//! install them, and the API server is asked again (backing off from 0.5 s to 30 s)
+//! until it serves them: CRDs installed after the agent are then watched like the others.
+//!
+//! A policy object that does not decode fails closed for what it may target, as a local
+//! file's document does ([`crate::policy::BrokenPolicy`]; see [`policy`]).
 pub mod membership;
 pub mod policy;
 pub mod services;
 #[cfg(test)]
 mod tests;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use futures_util::{Stream, StreamExt as _};
 use k8s_openapi::api::{
@@ -63,7 +71,8 @@ pub struct ClusterState {
     /// Enrolled namespaces and every pod of the cluster that has an address.
     pub config: LocalConfig,
     pub policies: PolicySet,
-    /// Policy objects that could not be read (named, with the reason).
+    /// Policy objects that could not be read (named, with the reason); each is also in
+    /// `policies` as a [`crate::policy::BrokenPolicy`], failing closed.
     pub policy_errors: Vec<String>,
 }
 
@@ -87,8 +96,11 @@ struct Stores {
     pods: Store<Pod>,
     services: Store<KubeService>,
     endpoint_slices: Store<EndpointSlice>,
-    policies: Vec<(&'static str, Store<DynamicObject>)>,
+    /// One store per policy kind served; a kind whose CRD appears later is added.
+    policies: PolicyStores,
 }
+
+type PolicyStores = Arc<RwLock<Vec<(&'static str, Store<DynamicObject>)>>>;
 
 impl KubernetesControl {
     /// Start watching; returns once every watch has listed once, with the first state.
@@ -135,24 +147,28 @@ impl KubernetesControl {
             changed.clone(),
         )));
 
-        let mut policies = Vec::new();
+        let policies: PolicyStores = Arc::default();
         for (kind, plural) in POLICY_KINDS {
-            let Some(resource) = served_version(&client, kind, plural).await else {
-                tracing::warn!(
+            match served_version(&client, kind, plural).await {
+                Some(resource) => tasks.push(tokio::spawn(drive(
                     kind,
-                    "the API server serves no {kind} ({ISTIO_SECURITY_GROUP}/v1 or v1beta1): Istio's CRDs are not installed, so no {kind} is in force; `kubectl apply -k deploy/` installs them"
-                );
-                continue;
-            };
-            let writer = reflector::store::Writer::new(resource.clone());
-            policies.push((kind, writer.as_reader()));
-            let stream = watcher(
-                Api::<DynamicObject>::all_with(client.clone(), &resource),
-                watcher::Config::default(),
-            )
-            .default_backoff()
-            .reflect(writer);
-            tasks.push(tokio::spawn(drive(kind, stream, changed.clone())));
+                    policy_watch(client.clone(), kind, &resource, &policies),
+                    changed.clone(),
+                ))),
+                None => {
+                    tracing::warn!(
+                        kind,
+                        "the API server serves no {kind} ({ISTIO_SECURITY_GROUP}/v1 or v1beta1): Istio's CRDs are not installed, so no {kind} is in force until they are; `kubectl apply -k deploy/` installs them"
+                    );
+                    tasks.push(tokio::spawn(await_served(
+                        client.clone(),
+                        kind,
+                        plural,
+                        policies.clone(),
+                        changed.clone(),
+                    )));
+                }
+            }
         }
         let stores = Stores {
             namespaces,
@@ -167,7 +183,11 @@ impl KubernetesControl {
         stores.pods.wait_until_ready().await.ok();
         stores.services.wait_until_ready().await.ok();
         stores.endpoint_slices.wait_until_ready().await.ok();
-        for (_, store) in &stores.policies {
+        let listing: Vec<Store<DynamicObject>> = read(&stores.policies)
+            .iter()
+            .map(|(_, store)| store.clone())
+            .collect();
+        for store in listing {
             store.wait_until_ready().await.ok();
         }
 
@@ -222,6 +242,63 @@ async fn drive<K>(
     }
 }
 
+fn read(
+    stores: &PolicyStores,
+) -> std::sync::RwLockReadGuard<'_, Vec<(&'static str, Store<DynamicObject>)>> {
+    stores
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Add a store for the objects of a policy kind at `resource` to `stores` (at once, so
+/// that start-up waits for its list), and return the watch that fills it.
+fn policy_watch(
+    client: Client,
+    kind: &'static str,
+    resource: &ApiResource,
+    stores: &PolicyStores,
+) -> impl Stream<Item = Result<watcher::Event<DynamicObject>, watcher::Error>> + Send + 'static {
+    let writer = reflector::store::Writer::new(resource.clone());
+    stores
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .push((kind, writer.as_reader()));
+    watcher(
+        Api::<DynamicObject>::all_with(client, resource),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(writer)
+}
+
+/// Ask again, backing off, until the API server serves a policy kind it did not serve
+/// at start-up (Istio's CRDs installed after the agent); then watch it. Its store is
+/// empty until its first list is in (the reflector swaps a list in whole), so no state
+/// shows it half-listed.
+async fn await_served(
+    client: Client,
+    kind: &'static str,
+    plural: &'static str,
+    stores: PolicyStores,
+    changed: Arc<Notify>,
+) {
+    let mut pause = Duration::from_millis(500);
+    let resource = loop {
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(MAX_DISCOVERY_BACKOFF);
+        if let Some(resource) = served_version(&client, kind, plural).await {
+            break resource;
+        }
+    };
+    tracing::info!(kind, api_version = %resource.api_version, "the API server now serves {kind}: watching it");
+    drive(
+        kind,
+        policy_watch(client, kind, &resource, &stores),
+        changed,
+    )
+    .await;
+}
+
 /// The newest served version of an Istio policy kind, or `None` if none is served.
 /// Other failures (the API server not answering yet, 5xx) are retried with backoff, as
 /// the watches retry theirs.
@@ -266,8 +343,7 @@ fn build(
     let kube_services = stores.services.state();
     let services = services::services(kube_services.iter().map(|s| s.as_ref()), &slices);
     // Store order is arbitrary; policies of equal age must keep one order.
-    let mut policy_objects: Vec<(&str, Arc<DynamicObject>)> = stores
-        .policies
+    let mut policy_objects: Vec<(&str, Arc<DynamicObject>)> = read(&stores.policies)
         .iter()
         .flat_map(|(kind, store)| store.state().into_iter().map(move |o| (*kind, o)))
         .collect();
@@ -278,14 +354,17 @@ fn build(
             &b.metadata.name,
         ))
     });
-    let decoded = objects.decode(policy_objects.iter().map(|(kind, o)| (*kind, o.as_ref())));
+    let decoded = objects.decode(
+        policy_objects.iter().map(|(kind, o)| (*kind, o.as_ref())),
+        &config.root_namespace,
+    );
     ClusterState {
         config: LocalConfig {
             mesh_namespaces,
             workloads,
             services,
         },
-        policies: PolicySet::new(config.clone(), decoded.policies),
+        policies: PolicySet::decoded(config.clone(), decoded.policies, decoded.broken),
         policy_errors: decoded.errors,
     }
 }

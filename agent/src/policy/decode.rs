@@ -31,9 +31,9 @@ use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 
 use super::{
     model::{
-        Action, AuthorizationPolicy, Condition, IpBlock, Match, Operation, PeerAuthentication,
-        PeerAuthenticationMode, Policy, PolicyMeta, Rule, ServiceAccountMatch, Source, StringMatch,
-        WorkloadSelector,
+        Action, AuthorizationPolicy, BrokenPolicy, Condition, IpBlock, Match, Operation,
+        PeerAuthentication, PeerAuthenticationMode, Policy, PolicyMeta, Rule, ServiceAccountMatch,
+        Source, StringMatch, WorkloadSelector,
     },
     PolicyKind,
 };
@@ -96,37 +96,159 @@ impl fmt::Display for InvalidDocument {
     }
 }
 
-/// Read a policy file, or every `*.yaml`/`*.yml` file of a directory in file-name order.
-/// A name defined twice (same kind, namespace and name) is an error.
-pub fn load_path(path: &Path) -> Result<Vec<Policy>, PolicyError> {
-    let metadata = fs::metadata(path).map_err(|source| PolicyError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let files = if metadata.is_dir() {
-        policy_files(path)?
-    } else {
-        vec![path.to_owned()]
-    };
-    let mut policies = Vec::new();
-    for file in files {
-        let bytes = fs::read(&file).map_err(|source| PolicyError::Read {
-            path: file.clone(),
+/// What a policy path (or one file) decodes to: the policies of the documents that
+/// decode, and what could be read of those that do not ([`BrokenPolicy`]: they fail
+/// closed for what they target). One document that does not decode spoils neither the
+/// other documents of its file nor the other files.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Decoded {
+    pub policies: Vec<Policy>,
+    pub broken: Vec<BrokenPolicy>,
+}
+
+/// The policy files of a path and their contents, read once: what the policy watch
+/// compares from one poll to the next, and what it decodes — so what was seen stable is
+/// exactly what is applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyFiles {
+    /// In file-name order; a file that could not be read has the error.
+    files: Vec<(PathBuf, FileContents)>,
+}
+
+/// A file's bytes, or why it could not be read (comparable, unlike `io::Error`).
+type FileContents = Result<Vec<u8>, (io::ErrorKind, String)>;
+
+impl PolicyFiles {
+    /// Read a policy file, or every `*.yaml`/`*.yml` file of a directory. Only the path
+    /// itself (or listing the directory) failing is an error; a file of the directory
+    /// that cannot be read is kept as such (it fails closed when decoded), and one that
+    /// vanished since the listing is left out.
+    pub fn read(path: &Path) -> Result<Self, PolicyError> {
+        let metadata = fs::metadata(path).map_err(|source| PolicyError::Read {
+            path: path.to_owned(),
             source,
         })?;
-        let text = String::from_utf8(bytes).map_err(|err| {
-            PolicyError::Invalid(InvalidDocument {
+        let paths = if metadata.is_dir() {
+            policy_files(path)?
+        } else {
+            vec![path.to_owned()]
+        };
+        let mut files = Vec::with_capacity(paths.len());
+        for file in paths {
+            match fs::read(&file) {
+                Ok(bytes) => files.push((file, Ok(bytes))),
+                Err(err) if err.kind() == io::ErrorKind::NotFound && file != path => {}
+                Err(err) => files.push((file, Err((err.kind(), err.to_string())))),
+            }
+        }
+        Ok(Self { files })
+    }
+
+    /// Decode every file, document by document ([`Decoded`]). A policy defined twice
+    /// (same kind, namespace and name): the first is read, the second is broken.
+    pub fn decode(&self) -> Decoded {
+        let mut decoded = Decoded::default();
+        for (file, contents) in &self.files {
+            let text = match contents {
+                Ok(bytes) => match utf8(bytes, file) {
+                    Ok(text) => text,
+                    Err(invalid) => {
+                        decoded.broken.push(BrokenPolicy {
+                            location: file.display().to_string(),
+                            kind: None,
+                            namespace: None,
+                            selector: None,
+                            error: invalid.to_string(),
+                        });
+                        continue;
+                    }
+                },
+                Err((_, message)) => {
+                    decoded.broken.push(BrokenPolicy {
+                        location: file.display().to_string(),
+                        kind: None,
+                        namespace: None,
+                        selector: None,
+                        error: format!("cannot read policy file {}: {message}", file.display()),
+                    });
+                    continue;
+                }
+            };
+            for outcome in documents(text, file) {
+                match outcome {
+                    Ok(policy) => decoded.policies.push(policy),
+                    Err(broken) => decoded.broken.push(broken.broken),
+                }
+            }
+        }
+        let mut seen: HashMap<(PolicyKind, String, String), String> = HashMap::new();
+        let mut policies = Vec::with_capacity(decoded.policies.len());
+        for policy in std::mem::take(&mut decoded.policies) {
+            let meta = policy.meta();
+            let key = (policy.kind(), meta.namespace.clone(), meta.name.clone());
+            match seen.get(&key) {
+                Some(first) => decoded.broken.push(BrokenPolicy {
+                    location: meta.origin.clone(),
+                    kind: Some(policy.kind()),
+                    namespace: Some(meta.namespace.clone()),
+                    selector: match &policy {
+                        Policy::PeerAuthentication(p) => p.selector.clone(),
+                        Policy::AuthorizationPolicy(p) => p.selector.clone(),
+                    },
+                    error: format!(
+                        "{} {}/{} is defined twice: in {first} and in {}; only the first is read",
+                        policy.kind(),
+                        meta.namespace,
+                        meta.name,
+                        meta.origin
+                    ),
+                }),
+                None => {
+                    seen.insert(key, meta.origin.clone());
+                    policies.push(policy);
+                }
+            }
+        }
+        decoded.policies = policies;
+        decoded
+    }
+}
+
+/// Read a policy file or directory and decode it document by document ([`Decoded`]):
+/// what the agent and `warren check` read. Only an unreadable path is an error.
+pub fn load_documents(path: &Path) -> Result<Decoded, PolicyError> {
+    Ok(PolicyFiles::read(path)?.decode())
+}
+
+/// Read a policy file, or every `*.yaml`/`*.yml` file of a directory in file-name order,
+/// strictly: the first document that does not decode, and a name defined twice (same
+/// kind, namespace and name), is an error. ([`load_documents`] is the lenient reading
+/// the agent uses.)
+pub fn load_path(path: &Path) -> Result<Vec<Policy>, PolicyError> {
+    let files = PolicyFiles::read(path)?;
+    let mut policies = Vec::new();
+    for (file, contents) in &files.files {
+        let bytes = contents
+            .as_ref()
+            .map_err(|(kind, message)| PolicyError::Read {
                 path: file.clone(),
-                document: 1,
-                line: None,
-                column: None,
-                message: format!("the file is not UTF-8 text ({err})"),
-            })
-        })?;
-        policies.extend(decode_documents(&text, &file)?);
+                source: io::Error::new(*kind, message.clone()),
+            })?;
+        let text = utf8(bytes, file).map_err(PolicyError::Invalid)?;
+        policies.extend(decode_documents(text, file)?);
     }
     check_duplicates(&policies)?;
     Ok(policies)
+}
+
+fn utf8<'a>(bytes: &'a [u8], file: &Path) -> Result<&'a str, InvalidDocument> {
+    std::str::from_utf8(bytes).map_err(|err| InvalidDocument {
+        path: file.to_owned(),
+        document: 1,
+        line: None,
+        column: None,
+        message: format!("the file is not UTF-8 text ({err})"),
+    })
 }
 
 fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
@@ -144,45 +266,191 @@ fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
             continue;
         }
         let path = entry.path();
-        // Follows symlinks (a mounted ConfigMap's files are symlinks).
-        if fs::metadata(&path)
-            .map_err(|source| PolicyError::Read {
-                path: path.clone(),
-                source,
-            })?
-            .is_file()
-        {
-            files.push(path);
+        // Follows symlinks (a mounted ConfigMap's files are symlinks). A file that
+        // vanished since the listing is not one; one that cannot be inspected is kept,
+        // so that reading it fails (closed).
+        match fs::metadata(&path) {
+            Ok(metadata) if !metadata.is_file() => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            _ => files.push(path),
         }
     }
     files.sort();
     Ok(files)
 }
 
-/// Decode the documents of one file (`path` is for messages), in order.
+/// Decode the documents of one file (`path` is for messages), in order, strictly: the
+/// first document that does not decode, or a name defined twice, is an error.
 pub fn decode_str(text: &str, path: &Path) -> Result<Vec<Policy>, PolicyError> {
     let policies = decode_documents(text, path)?;
     check_duplicates(&policies)?;
     Ok(policies)
 }
 
-fn decode_documents(text: &str, path: &Path) -> Result<Vec<Policy>, PolicyError> {
-    let mut policies = Vec::new();
-    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let number = index + 1;
-        let origin = format!("{}, document {number}", path.display());
-        let outcome = DocumentSeed { origin: &origin }
-            .deserialize(document)
-            .map_err(|err| PolicyError::Invalid(invalid_document(path, number, &err)))?;
+/// Decode the documents of one file leniently, as the agent does ([`Decoded`]).
+pub fn decode_file(text: &str, path: &Path) -> Decoded {
+    let mut decoded = Decoded::default();
+    for outcome in documents(text, path) {
         match outcome {
-            Outcome::Empty => {}
-            Outcome::Ignored { api_version, kind } => {
-                tracing::debug!(file = %path.display(), document = number, %api_version, %kind, "skipping a document that is neither a PeerAuthentication nor an AuthorizationPolicy");
-            }
-            Outcome::Policy(policy) => policies.push(policy),
+            Ok(policy) => decoded.policies.push(policy),
+            Err(broken) => decoded.broken.push(broken.broken),
         }
     }
-    Ok(policies)
+    decoded
+}
+
+fn decode_documents(text: &str, path: &Path) -> Result<Vec<Policy>, PolicyError> {
+    documents(text, path)
+        .into_iter()
+        .map(|outcome| outcome.map_err(|broken| PolicyError::Invalid(broken.invalid)))
+        .collect()
+}
+
+/// A document that does not decode: the error, and what could be read of it.
+struct Failed {
+    invalid: InvalidDocument,
+    broken: BrokenPolicy,
+}
+
+/// The policies of a file's documents, and its documents that do not decode, in order.
+/// Each document is parsed on its own ([`split_documents`]), so a syntax error in one
+/// leaves the next ones readable.
+fn documents(text: &str, path: &Path) -> Vec<Result<Policy, Failed>> {
+    let mut outcomes = Vec::new();
+    let mut number = 0;
+    for (first_line, chunk) in split_documents(text) {
+        let fail = |invalid: InvalidDocument| {
+            let salvaged = salvage(chunk);
+            Failed {
+                broken: BrokenPolicy {
+                    location: format!("{}:{first_line}", path.display()),
+                    kind: salvaged.kind,
+                    namespace: salvaged.namespace,
+                    selector: salvaged.selector,
+                    error: invalid.to_string(),
+                },
+                invalid,
+            }
+        };
+        let before = number;
+        for document in serde_yaml::Deserializer::from_str(chunk) {
+            number += 1;
+            let origin = format!("{}, document {number}", path.display());
+            match (DocumentSeed { origin: &origin }).deserialize(document) {
+                Ok(Outcome::Empty) => {}
+                Ok(Outcome::Ignored { api_version, kind }) => {
+                    tracing::debug!(file = %path.display(), document = number, %api_version, %kind, "skipping a document that is neither a PeerAuthentication nor an AuthorizationPolicy");
+                }
+                Ok(Outcome::Policy(policy)) => outcomes.push(Ok(policy)),
+                Err(err) => {
+                    let mut invalid = invalid_document(path, number, &err);
+                    invalid.line = invalid.line.map(|line| line + first_line - 1);
+                    outcomes.push(Err(fail(invalid)));
+                    break;
+                }
+            }
+        }
+        // A parser that yields nothing for text that is not empty must not make it
+        // "no policy".
+        if number == before && has_content(chunk) {
+            if let Err(err) = serde_yaml::from_str::<serde_yaml::Value>(chunk) {
+                number += 1;
+                let mut invalid = invalid_document(path, number, &err);
+                invalid.line = invalid.line.map(|line| line + first_line - 1);
+                outcomes.push(Err(fail(invalid)));
+            }
+        }
+    }
+    outcomes
+}
+
+/// Whether a line holds YAML content (not blank, a comment or a directive).
+fn is_content(line: &str) -> bool {
+    let line = line.trim_start_matches('\u{feff}').trim();
+    !(line.is_empty() || line.starts_with('#') || line.starts_with('%'))
+}
+
+fn has_content(text: &str) -> bool {
+    text.lines().any(is_content)
+}
+
+/// The documents of a file, each with its first line (1-based): split before every line
+/// that starts with the document marker `---` (which YAML never allows inside a
+/// document at column 0). What precedes the first marker is a document of its own only
+/// if it holds content; comments and directives there go with the next one.
+fn split_documents(text: &str) -> Vec<(usize, &str)> {
+    let is_marker = |line: &str| {
+        line.strip_prefix("---")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(char::is_whitespace))
+    };
+    let mut starts = vec![(1, 0)];
+    let mut offset = 0;
+    for (index, line) in text.split_inclusive('\n').enumerate() {
+        if offset > 0 && is_marker(line) {
+            starts.push((index + 1, offset));
+        }
+        offset += line.len();
+    }
+    if starts.len() > 1 && !has_content(&text[..starts[1].1]) {
+        starts.remove(1);
+    }
+    starts
+        .iter()
+        .enumerate()
+        .map(|(i, &(line, start))| {
+            let end = starts.get(i + 1).map_or(text.len(), |&(_, end)| end);
+            (line, &text[start..end])
+        })
+        .collect()
+}
+
+/// What can be read of a document that does not decode.
+#[derive(Default)]
+struct Salvaged {
+    kind: Option<PolicyKind>,
+    namespace: Option<String>,
+    selector: Option<WorkloadSelector>,
+}
+
+/// Read the kind, namespace and selector of a document that does not decode, as far as
+/// it parses as YAML at all; whatever cannot be read is left `None` (the widest scope).
+fn salvage(chunk: &str) -> Salvaged {
+    use serde_yaml::Value;
+    let Ok(document) = serde_yaml::from_str::<Value>(chunk) else {
+        return Salvaged::default();
+    };
+    let kind = match document.get("kind").and_then(Value::as_str) {
+        Some("PeerAuthentication") => Some(PolicyKind::PeerAuthentication),
+        Some("AuthorizationPolicy") => Some(PolicyKind::AuthorizationPolicy),
+        _ => None,
+    };
+    let namespace = match document.get("metadata") {
+        Some(Value::Mapping(metadata)) => match metadata.get("namespace") {
+            None | Some(Value::Null) => Some("default".to_owned()),
+            Some(Value::String(ns)) if ns.is_empty() => Some("default".to_owned()),
+            Some(Value::String(ns)) => Some(ns.clone()),
+            Some(_) => None,
+        },
+        _ => None,
+    };
+    let selector = document
+        .get("spec")
+        .and_then(|spec| spec.get("selector"))
+        .and_then(|selector| selector.get("matchLabels"))
+        .and_then(Value::as_mapping)
+        .and_then(|labels| {
+            labels
+                .iter()
+                .map(|(k, v)| Some((k.as_str()?.to_owned(), v.as_str()?.to_owned())))
+                .collect::<Option<BTreeMap<String, String>>>()
+        })
+        .filter(|labels| !labels.is_empty())
+        .map(|match_labels| WorkloadSelector { match_labels });
+    Salvaged {
+        kind,
+        namespace,
+        selector,
+    }
 }
 
 fn invalid_document(path: &Path, document: usize, err: &serde_yaml::Error) -> InvalidDocument {
@@ -732,7 +1000,7 @@ fn string_matches(field: &str, values: Option<Vec<String>>) -> Result<Vec<String
 struct PeerSpec {
     #[serde(default)]
     selector: Option<Selector>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "not_null")]
     mtls: Option<Mtls>,
     #[serde(default)]
     port_level_mtls: Option<BTreeMap<WorkloadPort, Mtls>>,
@@ -741,8 +1009,21 @@ struct PeerSpec {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Mtls {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "not_null")]
     mode: Option<Mode>,
+}
+
+/// A field that, when written, must not be null: `mtls:` or `mode:` with nothing after
+/// them is what a file cut short looks like, and would read as UNSET.
+fn not_null<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    deserializer: D,
+) -> Result<Option<T>, D::Error> {
+    match Option::<T>::deserialize(deserializer)? {
+        Some(value) => Ok(Some(value)),
+        None => Err(de::Error::custom(
+            "is null (leave the field out to inherit, or write a mode such as STRICT)",
+        )),
+    }
 }
 
 #[derive(Deserialize)]
@@ -791,8 +1072,9 @@ struct RawAuthzSpec {
     action: Option<RawAction>,
     #[serde(default)]
     provider: Option<Provider>,
-    #[serde(default)]
-    rules: Option<Vec<CheckedRule>>,
+    /// `rules:` or `- ` with nothing after them is refused (see [`CheckedRule::check`]).
+    #[serde(default, deserialize_with = "present")]
+    rules: Option<Option<Vec<Option<CheckedRule>>>>,
 }
 
 #[derive(Deserialize)]
@@ -857,16 +1139,31 @@ impl AuthzSpec {
             (RawAction::Deny, None) => Action::Deny,
             (RawAction::Audit, None) => Action::Audit,
         };
+        let rules = match raw.rules {
+            None => Vec::new(),
+            Some(None) => {
+                return Err(
+                    "`rules` is null (leave it out, or write `rules: []`, for no rules)".to_owned(),
+                )
+            }
+            Some(Some(rules)) => rules,
+        };
+        let rules = rules
+            .into_iter()
+            .enumerate()
+            .map(|(i, rule)| {
+                rule.map(|r| r.0).ok_or_else(|| {
+                    format!(
+                        "`rules[{i}]` is null (write `{{}}` for a rule that matches everything)"
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Self {
             selector: selector(raw.selector),
             target_refs,
             action,
-            rules: raw
-                .rules
-                .unwrap_or_default()
-                .into_iter()
-                .map(|r| r.0)
-                .collect(),
+            rules,
         })
     }
 }
@@ -876,12 +1173,20 @@ struct CheckedRule(Rule);
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRule {
-    #[serde(default)]
-    from: Option<Vec<CheckedFrom>>,
-    #[serde(default)]
-    to: Option<Vec<CheckedTo>>,
-    #[serde(default)]
-    when: Option<Vec<CheckedCondition>>,
+    /// `None`: absent; `Some(None)`: written and null (`from:` and nothing).
+    #[serde(default, deserialize_with = "present")]
+    from: Option<Option<Vec<CheckedFrom>>>,
+    #[serde(default, deserialize_with = "present")]
+    to: Option<Option<Vec<CheckedTo>>>,
+    #[serde(default, deserialize_with = "present")]
+    when: Option<Option<Vec<CheckedCondition>>>,
+}
+
+/// A field that is there, maybe null (absent is `#[serde(default)]`'s `None`).
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    deserializer: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(deserializer).map(Some)
 }
 
 impl<'de> Deserialize<'de> for CheckedRule {
@@ -892,9 +1197,23 @@ impl<'de> Deserialize<'de> for CheckedRule {
 
 impl CheckedRule {
     fn check(raw: RawRule) -> Result<Self, String> {
+        // `- from:` with nothing after it is what a file cut short looks like; read as
+        // absent, it would match any source.
+        for (field, null) in [
+            ("from", matches!(raw.from, Some(None))),
+            ("to", matches!(raw.to, Some(None))),
+            ("when", matches!(raw.when, Some(None))),
+        ] {
+            if null {
+                return Err(format!(
+                    "`{field}` is null (leave it out to match anything)"
+                ));
+            }
+        }
+        let (from, to, when) = (raw.from.flatten(), raw.to.flatten(), raw.when.flatten());
         for (field, empty) in [
-            ("from", raw.from.as_ref().is_some_and(Vec::is_empty)),
-            ("to", raw.to.as_ref().is_some_and(Vec::is_empty)),
+            ("from", from.as_ref().is_some_and(Vec::is_empty)),
+            ("to", to.as_ref().is_some_and(Vec::is_empty)),
         ] {
             if empty {
                 return Err(format!(
@@ -903,24 +1222,9 @@ impl CheckedRule {
             }
         }
         Ok(CheckedRule(Rule {
-            from: raw
-                .from
-                .unwrap_or_default()
-                .into_iter()
-                .map(|f| f.0)
-                .collect(),
-            to: raw
-                .to
-                .unwrap_or_default()
-                .into_iter()
-                .map(|t| t.0)
-                .collect(),
-            when: raw
-                .when
-                .unwrap_or_default()
-                .into_iter()
-                .map(|c| c.0)
-                .collect(),
+            from: from.unwrap_or_default().into_iter().map(|f| f.0).collect(),
+            to: to.unwrap_or_default().into_iter().map(|t| t.0).collect(),
+            when: when.unwrap_or_default().into_iter().map(|c| c.0).collect(),
         }))
     }
 }

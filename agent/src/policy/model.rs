@@ -38,6 +38,79 @@ impl Policy {
     }
 }
 
+/// A policy document that does not decode (or an object the API server holds that
+/// does not), kept in the set so that what it was meant to govern **fails closed**:
+/// decoding went as far as it could, and what it read bounds the damage —
+///
+/// - `kind` unreadable: it counts as both kinds;
+/// - `metadata.namespace` unreadable: every namespace (`metadata` readable without a
+///   namespace: `default`, as for a good document); in the root namespace: the mesh;
+/// - `spec.selector.matchLabels` unreadable: the whole namespace.
+///
+/// A broken AuthorizationPolicy refuses every connection to the workloads it may apply to;
+/// a broken PeerAuthentication makes them STRICT, whatever else says otherwise. Never
+/// more permissive than any version of the document could have been.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokenPolicy {
+    /// Where it is: `policies/bad.yaml:12` (the file and the document's first line), or
+    /// `kubernetes AuthorizationPolicy/demo/x`.
+    pub location: String,
+    /// Its kind, when that could be read; `None`: either kind.
+    pub kind: Option<super::PolicyKind>,
+    /// Its namespace, when that could be read; `None`: any namespace.
+    pub namespace: Option<String>,
+    /// Its `spec.selector.matchLabels`, when readable and not empty; `None`: every
+    /// workload of the namespace.
+    pub selector: Option<WorkloadSelector>,
+    /// Why it does not decode: the decoder's message (file, line, column, field).
+    pub error: String,
+}
+
+impl BrokenPolicy {
+    /// Whether this document, had it been a valid `kind`, could apply to `workload`.
+    pub fn may_apply(
+        &self,
+        kind: super::PolicyKind,
+        root: &str,
+        workload: &crate::workload::Workload,
+    ) -> bool {
+        self.kind.is_none_or(|k| k == kind)
+            && self
+                .namespace
+                .as_deref()
+                .is_none_or(|ns| ns == workload.namespace || ns == root)
+            && self
+                .selector
+                .as_ref()
+                .is_none_or(|s| s.selects(&workload.labels))
+    }
+
+    /// What it may apply to, in words: `every workload of the mesh`, `namespace demo`,
+    /// `workloads app=server of namespace demo`.
+    pub fn scope(&self, root: &str) -> String {
+        let namespace = match self.namespace.as_deref() {
+            None => "the mesh (its namespace cannot be read)".to_owned(),
+            Some(ns) if ns == root => format!("the mesh (root namespace {root})"),
+            Some(ns) => format!("namespace {ns}"),
+        };
+        match &self.selector {
+            Some(selector) => format!("workloads {selector} of {namespace}"),
+            None => format!("every workload of {namespace}"),
+        }
+    }
+
+    /// What it means at run time, in words.
+    pub fn consequence(&self) -> &'static str {
+        match self.kind {
+            Some(super::PolicyKind::AuthorizationPolicy) => "every connection to them is refused",
+            Some(super::PolicyKind::PeerAuthentication) => "they are STRICT",
+            None => {
+                "they are STRICT and every connection to them is refused (its kind cannot be read)"
+            }
+        }
+    }
+}
+
 /// What every policy carries besides its spec.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyMeta {

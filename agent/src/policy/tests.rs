@@ -786,7 +786,7 @@ fn policy_set_is_cheap_to_share() {
         PolicySet::default().mtls_mode(&server(), 1),
         (MtlsMode::Permissive, None)
     );
-    assert_eq!(format!("{set:?}"), "PolicySet { root_namespace: \"istio-system\", peer_authentications: 0, authorization_policies: 1, warnings: 0 }");
+    assert_eq!(format!("{set:?}"), "PolicySet { root_namespace: \"istio-system\", peer_authentications: 0, authorization_policies: 1, broken: 0, warnings: 0 }");
     let reference = PolicyRef::new(PolicyKind::AuthorizationPolicy, "demo", "a");
     assert_eq!(reference.to_string(), "demo/a");
     assert_eq!(format!("{reference:?}"), "AuthorizationPolicy demo/a");
@@ -943,5 +943,108 @@ mod trust_domain_aliases {
         let set = aliased("cluster.local", &["old.example"], &yaml);
         assert!(allowed(&set, &from("anything.example", "client")));
         assert!(!allowed(&set, &from("old.example", "peer")));
+/// A set from text decoded leniently, as the agent reads files.
+fn lenient(yaml: &str) -> PolicySet {
+    let decoded = decode_file(yaml, Path::new("bad.yaml"));
+    PolicySet::decoded(PolicyConfig::default(), decoded.policies, decoded.broken)
+}
+
+#[test]
+fn a_broken_authorization_policy_refuses_what_it_may_target() {
+    // Namespace demo, selector app=server; the rule has a typo.
+    let set = lenient(&format!(
+        "{}{}",
+        authz("demo", "allow-all", "  rules: [{}]"),
+        authz(
+            "demo",
+            "typo",
+            "  selector: {matchLabels: {app: server}}\n  rules: [{from: [{source: {principal: [x]}}]}]"
+        )
+    ));
+    assert_eq!(
+        set.authorization_policies().len(),
+        1,
+        "the good one is read"
+    );
+    assert_eq!(set.broken().len(), 1);
+    let server = workload("demo/server", &[("app", "server")]);
+    let decision = set.authorize(&server, &connection(Caller::DemoClient, 8080));
+    let Decision::Deny { policy, reason } = &decision else {
+        panic!("{decision:?}")
+    };
+    assert!(policy.is_unreadable());
+    assert_eq!(format!("{policy:?}"), "policy document bad.yaml:9");
+    assert_eq!(policy.kind(), PolicyKind::AuthorizationPolicy);
+    assert!(
+        reason.starts_with("it does not decode") && reason.contains("bad.yaml:17:"),
+        "{reason}"
+    );
+    // Other workloads: only the good policy, which allows all.
+    for other in [
+        workload("demo/client", &[("app", "client")]),
+        workload("other/server", &[("app", "server")]),
+    ] {
+        assert!(set
+            .authorize(&other, &connection(Caller::DemoClient, 8080))
+            .is_allow());
+    }
+    // An AuthorizationPolicy says nothing about mTLS.
+    assert_eq!(set.mtls_mode(&server, 8080).0, MtlsMode::Permissive);
+}
+
+#[test]
+fn a_broken_peer_authentication_is_strict_for_what_it_may_target() {
+    // PERMISSIVE written for the workload, a broken STRICT for the namespace: STRICT.
+    let set = lenient(&format!(
+        "{}{}",
+        peer_auth(
+            "demo",
+            "permissive",
+            "  selector: {matchLabels: {app: server}}\n  mtls: {mode: PERMISSIVE}\n  portLevelMtls: {8080: {mode: DISABLE}}"
+        ),
+        peer_auth("demo", "strict", "  mtls: {mode: Strict}")
+    ));
+    let server = workload("demo/server", &[("app", "server")]);
+    let (mode, by) = set.mtls_mode(&server, 8080);
+    assert_eq!(mode, MtlsMode::Strict);
+    let by = by.unwrap();
+    assert!(by.is_unreadable() && by.kind() == PolicyKind::PeerAuthentication);
+    assert_eq!(by.to_string(), "bad.yaml:11");
+    assert_eq!(
+        set.mtls_mode(&workload("other/server", &[("app", "server")]), 8080)
+            .0,
+        MtlsMode::Permissive
+    );
+    // A PeerAuthentication refuses nothing by authorization.
+    assert!(set
+        .authorize(&server, &connection(Caller::DemoClient, 8080))
+        .is_allow());
+}
+
+#[test]
+fn a_broken_document_in_the_root_namespace_or_without_readable_scope_covers_the_mesh() {
+    let everywhere = [
+        workload("demo/server", &[("app", "server")]),
+        workload("other/app", &[]),
+        workload("istio-system/x", &[]),
+    ];
+    let mesh_wide = lenient(&peer_auth(
+        "istio-system",
+        "default",
+        "  mtls: {mode: strict}",
+    ));
+    // Unreadable kind and namespace: both kinds, everywhere.
+    let unknown = lenient("apiVersion: security.istio.io/v1\nkind: [PeerAuthentication\n");
+    assert_eq!(unknown.broken()[0].kind, None);
+    assert_eq!(unknown.broken()[0].namespace, None);
+    for w in &everywhere {
+        assert_eq!(mesh_wide.mtls_mode(w, 80).0, MtlsMode::Strict, "{w}");
+        assert!(mesh_wide
+            .authorize(w, &connection(Caller::DemoClient, 80))
+            .is_allow());
+        assert_eq!(unknown.mtls_mode(w, 80).0, MtlsMode::Strict, "{w}");
+        assert!(!unknown
+            .authorize(w, &connection(Caller::DemoClient, 80))
+            .is_allow());
     }
 }

@@ -1,26 +1,33 @@
 //! Istio's `PeerAuthentication` and `AuthorizationPolicy` objects from the API server,
-//! decoded by the same decoder as local files ([`crate::policy::decode_str`]; an object's
+//! decoded by the same decoder as local files ([`crate::policy::decode_file`]; an object's
 //! JSON is valid YAML), so a policy means the same wherever it comes from.
 //!
 //! An object that does not decode (the API server's schema validation normally stops
-//! those) keeps its last good version in force; one that never decoded is left out. Each
-//! is reported with the object's name and the decoder's reason.
+//! those) **fails closed** for what it may target, as a local document does: it is a
+//! [`BrokenPolicy`] named `kubernetes Kind/namespace/name`, its namespace the object's,
+//! its selector read if it can be — its workloads are refused (AuthorizationPolicy) or
+//! STRICT (PeerAuthentication) until it is fixed or deleted. It is also reported, with
+//! the decoder's reason, in [`Decoded::errors`].
 use std::{collections::HashMap, path::Path};
 
 use kube::api::DynamicObject;
 
-use crate::policy::Policy;
+use crate::policy::{BrokenPolicy, Policy, PolicyKind};
 
-/// The objects' last good decodings, by `kind/namespace/name`.
+/// The objects' decodings, by `kind/namespace/name`, with the resource version decoded
+/// (an unchanged object is not decoded again).
 #[derive(Debug, Default)]
 pub struct PolicyObjects {
-    last_good: HashMap<String, (String, Vec<Policy>)>,
+    decoded: HashMap<String, (String, Result<Vec<Policy>, BrokenPolicy>)>,
 }
 
 /// The policies of a set of objects, and what could not be read.
 #[derive(Debug, Default)]
 pub struct Decoded {
     pub policies: Vec<Policy>,
+    /// Objects that do not decode, failing closed.
+    pub broken: Vec<BrokenPolicy>,
+    /// The same, in words for the log: the object, the reason, the consequence.
     pub errors: Vec<String>,
 }
 
@@ -29,6 +36,7 @@ impl PolicyObjects {
     pub fn decode<'a>(
         &mut self,
         objects: impl IntoIterator<Item = (&'a str, &'a DynamicObject)>,
+        root: &str,
     ) -> Decoded {
         let mut decoded = Decoded::default();
         let mut seen = HashMap::new();
@@ -37,41 +45,59 @@ impl PolicyObjects {
             let name = object.metadata.name.as_deref().unwrap_or("");
             let key = format!("{kind}/{namespace}/{name}");
             let version = object.metadata.resource_version.clone().unwrap_or_default();
-            if let Some((good_version, policies)) = self.last_good.get(&key) {
-                if *good_version == version {
-                    decoded.policies.extend(policies.iter().cloned());
-                    seen.insert(key, ());
-                    continue;
+            let outcome = match self.decoded.get(&key) {
+                Some((decoded_version, outcome)) if *decoded_version == version => outcome.clone(),
+                _ => {
+                    let outcome = decode_object(kind, object, &key);
+                    self.decoded.insert(key.clone(), (version, outcome.clone()));
+                    outcome
                 }
-            }
-            match decode_object(kind, object, &key) {
-                Ok(policies) => {
-                    decoded.policies.extend(policies.iter().cloned());
-                    self.last_good.insert(key.clone(), (version, policies));
-                }
-                Err(reason) => {
-                    let kept = self.last_good.get(&key).map(|(_, p)| p.clone());
-                    let consequence = if kept.is_some() {
-                        "its previous version stays in force"
-                    } else {
-                        "it is not in force"
-                    };
-                    decoded
-                        .errors
-                        .push(format!("{key}: {reason}; {consequence}"));
-                    decoded.policies.extend(kept.into_iter().flatten());
+            };
+            match outcome {
+                Ok(policies) => decoded.policies.extend(policies),
+                Err(broken) => {
+                    decoded.errors.push(format!(
+                        "{key}: {}; failing closed for {}: {}",
+                        broken.error,
+                        broken.scope(root),
+                        broken.consequence()
+                    ));
+                    decoded.broken.push(broken);
                 }
             }
             seen.insert(key, ());
         }
-        self.last_good.retain(|key, _| seen.contains_key(key));
+        self.decoded.retain(|key, _| seen.contains_key(key));
         decoded
     }
 }
 
-/// One object through the file decoder; the object is named in place of a file.
-fn decode_object(kind: &str, object: &DynamicObject, key: &str) -> Result<Vec<Policy>, String> {
-    let mut document = serde_json::to_value(object).map_err(|e| e.to_string())?;
+/// One object through the file decoder; the object is named in place of a file. What
+/// does not decode is bounded by what the API server says for sure (kind, namespace).
+fn decode_object(
+    kind: &str,
+    object: &DynamicObject,
+    key: &str,
+) -> Result<Vec<Policy>, BrokenPolicy> {
+    let policy_kind = match kind {
+        "PeerAuthentication" => Some(PolicyKind::PeerAuthentication),
+        "AuthorizationPolicy" => Some(PolicyKind::AuthorizationPolicy),
+        _ => None,
+    };
+    let broken = |error: String, salvaged: Option<&BrokenPolicy>| BrokenPolicy {
+        location: format!("kubernetes {key}"),
+        kind: policy_kind,
+        namespace: Some(
+            object
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".to_owned()),
+        ),
+        selector: salvaged.and_then(|s| s.selector.clone()),
+        error,
+    };
+    let mut document = serde_json::to_value(object).map_err(|e| broken(e.to_string(), None))?;
     // The watch carries no apiVersion/kind on DynamicObjects' inner types in every
     // client version; the decoder needs both.
     if let Some(fields) = document.as_object_mut() {
@@ -82,14 +108,20 @@ fn decode_object(kind: &str, object: &DynamicObject, key: &str) -> Result<Vec<Po
             fields.insert("kind".into(), kind.into());
         }
     }
-    let text = serde_json::to_string(&document).map_err(|e| e.to_string())?;
+    let text = serde_json::to_string(&document).map_err(|e| broken(e.to_string(), None))?;
     let origin = format!("kubernetes {key}");
-    crate::policy::decode_str(&text, Path::new(&origin)).map_err(|e| e.to_string())
+    let mut decoded = crate::policy::decode_file(&text, Path::new(&origin));
+    match decoded.broken.pop() {
+        None => Ok(decoded.policies),
+        Some(salvaged) => Err(broken(salvaged.error.clone(), Some(&salvaged))),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const ROOT: &str = "istio-system";
 
     fn object(kind: &str, name: &str, version: &str, spec: serde_json::Value) -> DynamicObject {
         serde_json::from_value(serde_json::json!({
@@ -118,10 +150,13 @@ mod tests {
             serde_json::json!({"rules": [{"from": [{"source": {"principals": ["cluster.local/ns/demo/sa/client"]}}]}]}),
         );
         let mut objects = PolicyObjects::default();
-        let decoded = objects.decode([
-            ("PeerAuthentication", &strict),
-            ("AuthorizationPolicy", &allow),
-        ]);
+        let decoded = objects.decode(
+            [
+                ("PeerAuthentication", &strict),
+                ("AuthorizationPolicy", &allow),
+            ],
+            ROOT,
+        );
         assert!(decoded.errors.is_empty(), "{:?}", decoded.errors);
         assert_eq!(decoded.policies.len(), 2);
         assert_eq!(decoded.policies[0].meta().name, "strict");
@@ -132,39 +167,46 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_version_keeps_the_last_good_one() {
+    fn a_bad_version_fails_closed_for_what_it_targets() {
         let good = object(
             "PeerAuthentication",
             "p",
             "1",
-            serde_json::json!({"mtls": {"mode": "STRICT"}}),
+            serde_json::json!({"mtls": {"mode": "PERMISSIVE"}}),
         );
         let bad = object(
-            "PeerAuthentication",
+            "AuthorizationPolicy",
             "p",
             "2",
-            serde_json::json!({"mtls": {"mod": "STRICT"}}),
+            serde_json::json!({"selector": {"matchLabels": {"app": "server"}}, "rules": [{"from": [{"source": {"principal": ["x"]}}]}]}),
         );
         let mut objects = PolicyObjects::default();
-        assert_eq!(
-            objects
-                .decode([("PeerAuthentication", &good)])
-                .policies
-                .len(),
-            1
+        let decoded = objects.decode(
+            [("PeerAuthentication", &good), ("AuthorizationPolicy", &bad)],
+            ROOT,
         );
-        let decoded = objects.decode([("PeerAuthentication", &bad)]);
-        assert_eq!(decoded.policies.len(), 1, "the good version stays");
+        assert_eq!(decoded.policies.len(), 1, "the good object is read");
+        assert_eq!(decoded.broken.len(), 1);
+        let broken = &decoded.broken[0];
+        assert_eq!(broken.location, "kubernetes AuthorizationPolicy/demo/p");
+        assert_eq!(broken.kind, Some(PolicyKind::AuthorizationPolicy));
+        assert_eq!(broken.namespace.as_deref(), Some("demo"));
+        assert_eq!(
+            broken.selector.as_ref().map(|s| s.to_string()).as_deref(),
+            Some("app=server")
+        );
         assert!(
-            decoded.errors[0].contains("PeerAuthentication/demo/p")
-                && decoded.errors[0].contains("mod")
-                && decoded.errors[0].contains("previous version stays"),
+            decoded.errors[0].contains("AuthorizationPolicy/demo/p")
+                && decoded.errors[0].contains("principal")
+                && decoded.errors[0]
+                    .contains("failing closed for workloads app=server of namespace demo"),
             "{:?}",
             decoded.errors
         );
-        // Gone from the cluster: forgotten, also its last good version.
-        assert!(objects.decode([]).policies.is_empty());
-        let decoded = objects.decode([("PeerAuthentication", &bad)]);
-        assert!(decoded.policies.is_empty() && decoded.errors[0].contains("not in force"));
+        // Decoded once per version; gone from the cluster: forgotten.
+        let again = objects.decode([("AuthorizationPolicy", &bad)], ROOT);
+        assert_eq!(again.broken, decoded.broken);
+        assert!(objects.decode([], ROOT).broken.is_empty());
+        assert!(objects.decoded.is_empty());
     }
 }

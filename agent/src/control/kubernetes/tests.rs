@@ -225,7 +225,8 @@ async fn policy_objects_from_the_api_change_decisions() {
         .authorize(&workload, &from("spiffe://cluster.local/ns/demo/sa/other"))
         .is_allow());
 
-    // A broken update (a typo the decoder refuses) keeps the version in force, and says so.
+    // A broken update (a typo the decoder refuses) fails closed — STRICT for what it
+    // may target, never the PERMISSIVE it might have meant — and says so.
     server.apply(json!({
         "apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
         "metadata": {"namespace": "demo", "name": "strict"},
@@ -240,10 +241,30 @@ async fn policy_objects_from_the_api_change_decisions() {
         "{:?}",
         state.policy_errors
     );
+    let (mode, decided_by) = state.policies.mtls_mode(&server_workload(&state), 9000);
+    assert_eq!(mode, MtlsMode::Strict);
     assert_eq!(
-        state.policies.mtls_mode(&server_workload(&state), 9000).0,
-        MtlsMode::Strict
+        decided_by.map(|p| format!("{p:?}")).as_deref(),
+        Some("policy document kubernetes PeerAuthentication/demo/strict")
     );
+
+    // A broken AuthorizationPolicy refuses everything to what it may target.
+    server.apply(json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"namespace": "demo", "name": "only-client"},
+        "spec": {"rules": [{"from": [{"source": {"principals": "not-a-list"}}]}]}
+    }));
+    let state = until(&control, "the bad AuthorizationPolicy in force", |s| {
+        s.policies.broken().len() == 2
+    })
+    .await;
+    assert!(!state
+        .policies
+        .authorize(
+            &server_workload(&state),
+            &from("spiffe://cluster.local/ns/demo/sa/client")
+        )
+        .is_allow());
 
     assert!(server.delete(
         "security.istio.io/v1",
@@ -251,10 +272,17 @@ async fn policy_objects_from_the_api_change_decisions() {
         Some("demo"),
         "only-client"
     ));
-    until(&control, "the authorization policy removed", |s| {
-        s.policies.authorization_policies().is_empty()
+    let state = until(&control, "the authorization policy removed", |s| {
+        s.policies.authorization_policies().is_empty() && s.policies.broken().len() == 1
     })
     .await;
+    assert!(state
+        .policies
+        .authorize(
+            &server_workload(&state),
+            &from("spiffe://cluster.local/ns/demo/sa/other")
+        )
+        .is_allow());
 }
 
 /// The watch history is compacted and every watch broken while pods change: the
@@ -404,4 +432,40 @@ async fn policies_are_read_at_v1beta1_and_missing_crds_mean_no_policy() {
             .any(|r| r.path.contains("/authorizationpolicies") && r.status == 200),
         "nothing to watch where nothing is served"
     );
+}
+
+/// Istio's CRDs installed after the agent started: the API server is asked again and
+/// their objects come into force without a restart.
+#[tokio::test]
+async fn crds_installed_later_are_watched() {
+    let server = server().await;
+    server.serve_versions("security.istio.io", "peerauthentications", &[]);
+    server.serve_versions("security.istio.io", "authorizationpolicies", &[]);
+    server.apply(namespace("demo", json!({"warren.dev/mesh": "enabled"})));
+    server.apply(pod("demo", "server", "n1", "10.0.0.2"));
+    let control = control(&server).await;
+    assert!(control.current().policies.peer_authentications().is_empty());
+
+    server.serve_versions("security.istio.io", "peerauthentications", &["v1"]);
+    server.apply(json!({
+        "apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+        "metadata": {"namespace": "demo", "name": "strict"},
+        "spec": {"mtls": {"mode": "STRICT"}}
+    }));
+    let state = until(&control, "the PeerAuthentication CRD watched", |s| {
+        s.policies.peer_authentications().len() == 1
+    })
+    .await;
+    assert!(state.policies.authorization_policies().is_empty());
+
+    server.serve_versions("security.istio.io", "authorizationpolicies", &["v1beta1"]);
+    server.apply(json!({
+        "apiVersion": "security.istio.io/v1beta1", "kind": "AuthorizationPolicy",
+        "metadata": {"namespace": "demo", "name": "deny-all"},
+        "spec": {"action": "DENY", "rules": [{}]}
+    }));
+    until(&control, "the AuthorizationPolicy CRD watched", |s| {
+        s.policies.authorization_policies().len() == 1
+    })
+    .await;
 }

@@ -621,3 +621,233 @@ fn junk_never_panics() {
         let _ = decode(input);
     }
 }
+
+fn lenient(text: &str) -> Decoded {
+    decode_file(text, Path::new("policies/test.yaml"))
+}
+
+#[test]
+fn a_document_that_does_not_decode_spoils_no_other() {
+    let good = |name: &str| {
+        format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: demo}}\n")
+    };
+    // A syntax error in document 2 (lines 4-7), good documents around it.
+    let text = format!(
+        "{}---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nspec: {{mtls: [\n---\n{}",
+        good("first"),
+        good("last")
+    );
+    let decoded = lenient(&text);
+    let names: Vec<&str> = decoded
+        .policies
+        .iter()
+        .map(|p| p.meta().name.as_str())
+        .collect();
+    assert_eq!(names, ["first", "last"]);
+    assert_eq!(
+        decoded.policies[1].meta().origin,
+        "policies/test.yaml, document 3"
+    );
+    assert_eq!(decoded.broken.len(), 1);
+    let broken = &decoded.broken[0];
+    assert_eq!(broken.location, "policies/test.yaml:4");
+    assert!(
+        broken.error.starts_with("policies/test.yaml:"),
+        "{broken:?}"
+    );
+    assert!(broken.error.contains("(document 2)"), "{broken:?}");
+    // Not even YAML: nothing of it can be read.
+    assert_eq!(
+        (broken.kind, &broken.namespace, &broken.selector),
+        (None, &None, &None)
+    );
+    // The strict reading reports the same error, with the file's line numbers.
+    let err = invalid(&text);
+    assert_eq!((err.document, err.line), (2, Some(7)), "{err}");
+}
+
+#[test]
+fn what_can_be_read_of_a_bad_document_bounds_it() {
+    let doc = |kind: &str, metadata: &str, spec: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: {kind}\nmetadata: {metadata}\nspec: {spec}\n"
+        )
+    };
+    let selector = |labels: &[(&str, &str)]| {
+        Some(WorkloadSelector {
+            match_labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        })
+    };
+    type Case = (
+        String,
+        Option<PolicyKind>,
+        Option<&'static str>,
+        Option<WorkloadSelector>,
+    );
+    let cases: Vec<Case> = vec![
+        // The selector reads: only what it selects.
+        (
+            doc("AuthorizationPolicy", "{name: a, namespace: demo}", "{selector: {matchLabels: {app: server}}, rules: [{to: []}]}"),
+            Some(PolicyKind::AuthorizationPolicy),
+            Some("demo"),
+            selector(&[("app", "server")]),
+        ),
+        // The selector is what is wrong: the namespace.
+        (
+            doc("PeerAuthentication", "{name: a, namespace: demo}", "{selector: {matchLabels: {app: [x]}}, mtls: {mode: STRICT}}"),
+            Some(PolicyKind::PeerAuthentication),
+            Some("demo"),
+            None,
+        ),
+        (
+            doc("PeerAuthentication", "{name: a, namespace: demo}", "{selector: {labels: {app: x}}}"),
+            Some(PolicyKind::PeerAuthentication),
+            Some("demo"),
+            None,
+        ),
+        // No namespace written: default, as for a good document.
+        (
+            doc("AuthorizationPolicy", "{name: a}", "{action: deny}"),
+            Some(PolicyKind::AuthorizationPolicy),
+            Some("default"),
+            None,
+        ),
+        // The namespace is unreadable, or metadata is missing: every namespace.
+        (
+            doc("AuthorizationPolicy", "{name: a, namespace: [demo]}", "{}"),
+            Some(PolicyKind::AuthorizationPolicy),
+            None,
+            None,
+        ),
+        (
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nspec: {}\n".to_owned(),
+            Some(PolicyKind::AuthorizationPolicy),
+            None,
+            None,
+        ),
+        // The kind is wrong or missing: both kinds.
+        (
+            doc("List", "{name: a, namespace: demo}", "{}"),
+            None,
+            Some("demo"),
+            None,
+        ),
+        (
+            "apiVersion: security.istio.io/v1\nmetadata: {name: a, namespace: demo}\n".to_owned(),
+            None,
+            Some("demo"),
+            None,
+        ),
+        // A wrong API group still says what it was meant to be.
+        (
+            "apiVersion: security.istio.io/v2\nkind: PeerAuthentication\nmetadata: {name: a, namespace: demo}\n".to_owned(),
+            Some(PolicyKind::PeerAuthentication),
+            Some("demo"),
+            None,
+        ),
+        // Keys twice: YAML refuses it, nothing is read.
+        (
+            doc("PeerAuthentication", "{name: a, namespace: demo, namespace: x}", "{}"),
+            None,
+            None,
+            None,
+        ),
+    ];
+    for (text, kind, namespace, selector) in cases {
+        let decoded = lenient(&text);
+        assert!(decoded.policies.is_empty(), "{text}");
+        assert_eq!(decoded.broken.len(), 1, "{text}");
+        let broken = &decoded.broken[0];
+        assert_eq!(broken.kind, kind, "{text}");
+        assert_eq!(broken.namespace.as_deref(), namespace, "{text}");
+        assert_eq!(broken.selector, selector, "{text}");
+        assert_eq!(broken.location, "policies/test.yaml:1", "{text}");
+    }
+}
+
+/// A file cut short can read as a valid, different policy (a DENY without its rules, a
+/// PeerAuthentication without its mode): the watch applies only contents stable for a
+/// poll (see `watch`). The decoder does its part where it can: an ALLOW policy cut
+/// after `from:` or `to:` is refused rather than read as "from anyone".
+#[test]
+fn half_written_allow_policies_never_allow_anyone() {
+    let whole = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow, namespace: demo}\nspec:\n  rules:\n  - from:\n    - source: {principals: [cluster.local/ns/demo/sa/client]}\n    to:\n    - operation: {ports: [\"8080\"]}\n";
+    for end in 0..whole.len() {
+        let decoded = lenient(&whole[..end]);
+        for policy in &decoded.policies {
+            let Policy::AuthorizationPolicy(p) = policy else {
+                panic!("{end}: {policy:?}")
+            };
+            assert!(
+                p.rules.iter().all(|r| !r.from.is_empty()),
+                "{end}: a prefix reads as a wider policy: {p:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn null_rule_fields_are_refused() {
+    for (field, value) in [("from", "from:"), ("to", "to: null"), ("when", "when: ~")] {
+        let text = format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: a}}\nspec:\n  rules:\n  - {value}\n");
+        let err = invalid(&text);
+        assert!(err.message.contains(&format!("`{field}` is null")), "{err}");
+        assert_eq!(err.line, Some(6), "{err}");
+    }
+    let authz = |rules: &str| {
+        format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: a}}\nspec:\n  action: DENY\n{rules}")
+    };
+    assert!(invalid(&authz("  rules:\n"))
+        .message
+        .contains("`rules` is null"));
+    assert!(invalid(&authz("  rules:\n  -\n"))
+        .message
+        .contains("`rules[0]` is null"));
+    let peer = |spec: &str| {
+        format!("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: a}}\nspec:\n{spec}")
+    };
+    for spec in ["  mtls:\n", "  mtls:\n    mode:\n"] {
+        assert!(invalid(&peer(spec)).message.contains("is null"), "{spec:?}");
+    }
+}
+
+#[test]
+fn a_directory_with_a_bad_file_keeps_the_good_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let doc = |name: &str| {
+        format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: demo}}\n")
+    };
+    std::fs::write(dir.path().join("a.yaml"), doc("a")).unwrap();
+    std::fs::write(dir.path().join("b.yaml"), "kind: [\n").unwrap();
+    std::fs::write(dir.path().join("c.yaml"), [0xff, 0xfe, b'\n']).unwrap();
+    std::fs::write(dir.path().join("d.yaml"), doc("a")).unwrap();
+    let decoded = load_documents(dir.path()).unwrap();
+    let names: Vec<&str> = decoded
+        .policies
+        .iter()
+        .map(|p| p.meta().name.as_str())
+        .collect();
+    assert_eq!(names, ["a"]);
+    let broken: Vec<String> = decoded
+        .broken
+        .iter()
+        .map(|b| {
+            b.location
+                .replace(&format!("{}/", dir.path().display()), "")
+        })
+        .collect();
+    assert_eq!(broken, ["b.yaml:1", "c.yaml", "d.yaml, document 1"]);
+    assert!(decoded.broken[1].error.contains("not UTF-8"));
+    // Defined twice: the second is broken for its scope, the first is read.
+    assert!(decoded.broken[2].error.contains("defined twice"));
+    assert_eq!(
+        decoded.broken[2].kind,
+        Some(PolicyKind::AuthorizationPolicy)
+    );
+    assert_eq!(decoded.broken[2].namespace.as_deref(), Some("demo"));
+    // The path itself unreadable is the only error.
+    assert!(load_documents(&dir.path().join("missing")).is_err());
+}

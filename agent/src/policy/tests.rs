@@ -943,6 +943,9 @@ mod trust_domain_aliases {
         let set = aliased("cluster.local", &["old.example"], &yaml);
         assert!(allowed(&set, &from("anything.example", "client")));
         assert!(!allowed(&set, &from("old.example", "peer")));
+    }
+}
+
 /// A set from text decoded leniently, as the agent reads files.
 fn lenient(yaml: &str) -> PolicySet {
     let decoded = decode_file(yaml, Path::new("bad.yaml"));

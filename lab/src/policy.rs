@@ -98,9 +98,7 @@ spec:
         // `mod` for `mode`, on line 8.
         fs::write(&broken, STRICT.replace("mode: STRICT", "mod: STRICT")).unwrap();
         let policies = dir.join("policies");
-        let err = apply(&warren, &broken, &policies)
-            .unwrap_err()
-            .to_string();
+        let err = apply(&warren, &broken, &policies).unwrap_err().to_string();
         assert!(
             err.starts_with(&format!("{}:8:", broken.display())),
             "file:line:column first: {err}"

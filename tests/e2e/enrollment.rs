@@ -6,7 +6,9 @@ use std::time::Duration;
 use anyhow::{ensure, Context as _, Result};
 use warren_lab::{AppMode, ConnectOptions, Family, Lab, LoadOptions};
 
-use crate::support::{access_record, ensure_ok, field, wait_for_log_line, RedirectState};
+use crate::support::{
+    access_record, access_record_where, ensure_ok, field, wait_for_log_line, RedirectState,
+};
 
 pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
     (
@@ -46,7 +48,11 @@ fn namespace_joins_and_leaves(lab: &Lab) -> Result<()> {
     ensure_ok(&report, "demo/client's stream while legacy joined and left")?;
 
     // The stream was still open when legacy/client had left: its access record (written
-    // when it closed) comes after the release in n1's log.
+    // when it closed, which may be a moment after the client saw the end) comes after the
+    // release in n1's log.
+    access_record_where(lab, "n1", n1_start, to_server, "outbound", |r| {
+        r["src_workload"] == "demo/client"
+    })?;
     let log = lab.agent_log_since("n1", n1_start)?;
     let released = log
         .find("pod left the mesh")

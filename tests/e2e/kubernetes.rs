@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use warren_lab::{config::SERVICES, AppMode, AppServer, Family, Lab, RemoteCa, Signal};
 use warren_test_apiserver::TestApiServer;
 
-use crate::support::{access_record, ensure_ok, field, wait_for_log_line};
+use crate::support::{access_record, access_record_where, ensure_ok, field, wait_for_log_line};
 
 pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
     (
@@ -268,8 +268,11 @@ fn pods_follow_the_api_server_and_the_cni_plugin(lab: &Lab) -> Result<()> {
                 &lab.connect("demo/client", vip, AppMode::Echo, 1024)?,
                 "demo/client → Service demo/server's ClusterIP",
             )?;
-            // Logged at the endpoint it reached, naming the Service.
-            let record = access_record(lab, "n1", n1, "outbound", to_server)?;
+            // Logged at the endpoint it reached, naming the Service (the 1024 bytes tell
+            // it from the record of the tunnel check above, which may be written later).
+            let record = access_record_where(lab, "n1", n1, to_server, "outbound", |r| {
+                r["bytes_sent"] == 1024
+            })?;
             ensure!(
                 field(&record, "dst_service") == "server.demo.svc.cluster.local",
                 "the outbound record should name the Service: {record}"

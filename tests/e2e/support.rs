@@ -59,15 +59,33 @@ pub fn access_record(
     direction: &str,
     dst: SocketAddr,
 ) -> Result<Value> {
+    access_record_where(lab, node, offset, dst, direction, |_| true)
+}
+
+/// The first access record of `node`'s agent after `offset`, in `direction`, to `dst`, that
+/// `matches` (several connections to one destination: tell them apart by their bytes or
+/// source). Waits for it: an agent writes the record when the connection has ended on
+/// both sides, which may be after the client saw its end.
+pub fn access_record_where(
+    lab: &Lab,
+    node: &str,
+    offset: u64,
+    dst: SocketAddr,
+    direction: &str,
+    matches: impl Fn(&Value) -> bool,
+) -> Result<Value> {
     let deadline = Instant::now() + LOG_WAIT;
     loop {
         let records = access_records_for(lab, node, offset, dst)?;
-        if let Some(record) = records.into_iter().find(|r| r["direction"] == direction) {
+        if let Some(record) = records
+            .into_iter()
+            .find(|r| r["direction"] == direction && matches(r))
+        {
             return Ok(record);
         }
         if Instant::now() > deadline {
             bail!(
-                "agent of {node} logged no {direction} access record for {dst} within {LOG_WAIT:?}; it logged:\n{}",
+                "agent of {node} logged no matching {direction} access record for {dst} within {LOG_WAIT:?}; it logged:\n{}",
                 lab.agent_log_since(node, offset)?
             );
         }

@@ -29,7 +29,7 @@ use crate::{
     metrics::{self, Metrics},
     netns::{Netns, NetnsError},
     policy::{self, PolicyConfig, PolicyError, PolicyFiles, PolicySet, SharedPolicy},
-    proxy::{hbone, ProxyContext},
+    proxy::{hbone, limits::TunnelAdmission, ProxyContext},
     redirect::{
         self,
         ebpf::{EbpfRedirect, PodRedirect},
@@ -227,6 +227,7 @@ pub async fn run(config: Config, logs: Option<LogControl>) -> Result<(), AgentEr
         pool,
         policy: shared_policy.clone(),
         node_ips: node_addresses(),
+        tunnel_admission: TunnelAdmission::new(config.tunnel_limits, metrics.clone()),
         metrics,
         refusals: Default::default(),
     });

@@ -2,6 +2,7 @@
 //! into one [`Config`] that tests build directly.
 use std::{path::PathBuf, time::Duration};
 
+use crate::proxy::limits::TunnelLimits;
 use crate::redirect::{iptables::BackendChoice, KernelFeature, RedirectMode};
 
 /// Where warren pins its eBPF programs and maps (`<dir>/<node>`).
@@ -191,6 +192,22 @@ pub struct AgentArgs {
     )]
     pub readiness_addr: std::net::SocketAddr,
 
+    /// TLS handshakes in progress allowed on one pod's tunnel port (15008); more are reset
+    /// at accept and counted in warren_listener_limit_refusals_total.
+    #[arg(long, env = "WARREN_MAX_PENDING_HANDSHAKES", value_name = "N", default_value_t = TunnelLimits::default().pending_handshakes_per_listener as u32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_pending_handshakes: u32,
+
+    /// TLS handshakes in progress allowed from one source address, over all the node's
+    /// tunnel ports.
+    #[arg(long, env = "WARREN_MAX_PENDING_HANDSHAKES_PER_SOURCE", value_name = "N", default_value_t = TunnelLimits::default().pending_handshakes_per_source as u32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_pending_handshakes_per_source: u32,
+
+    /// Tunnel connections (pending or established) allowed from one source address, over
+    /// all the node's tunnel ports. Peer agents pool their streams, one connection per
+    /// pair of pods.
+    #[arg(long, env = "WARREN_MAX_TUNNEL_CONNECTIONS_PER_SOURCE", value_name = "N", default_value_t = TunnelLimits::default().connections_per_source as u32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_tunnel_connections_per_source: u32,
+
     /// Diagnostic switch: report these kernel features as missing, to exercise fallbacks.
     #[arg(long, value_enum, value_delimiter = ',', hide = true)]
     pub probe_pretend_missing: Vec<KernelFeature>,
@@ -244,6 +261,7 @@ pub struct Config {
     pub policy: Option<PathBuf>,
     pub root_namespace: String,
     pub probe_pretend_missing: Vec<KernelFeature>,
+    pub tunnel_limits: TunnelLimits,
 }
 
 /// Flags that parse but do not make a runnable agent.
@@ -305,6 +323,11 @@ impl TryFrom<AgentArgs> for Config {
             policy: args.policy,
             root_namespace: args.root_namespace,
             probe_pretend_missing: args.probe_pretend_missing,
+            tunnel_limits: TunnelLimits {
+                pending_handshakes_per_listener: args.max_pending_handshakes as usize,
+                pending_handshakes_per_source: args.max_pending_handshakes_per_source as usize,
+                connections_per_source: args.max_tunnel_connections_per_source as usize,
+            },
         })
     }
 }

@@ -205,6 +205,7 @@ pub struct Metrics {
     pool_connections: IntGauge,
     policy_refusals: IntCounterVec,
     handshake_errors: IntCounterVec,
+    listener_limit_refusals: IntCounterVec,
     certificate_expiry: IntGaugeVec,
     policy_errors: IntGaugeVec,
     pool: hbone::Pool,
@@ -272,6 +273,15 @@ impl Metrics {
             &["direction", "reason"],
         )?;
         registry.register(Box::new(handshake_errors.clone()))?;
+        // Bounded: the listeners times the limits of `proxy::limits::Limit`.
+        let listener_limit_refusals = IntCounterVec::new(
+            Opts::new(
+                "warren_listener_limit_refusals_total",
+                "Connections reset at accept because a client was over a listener limit (pending TLS handshakes per listener or per source, connections per source).",
+            ),
+            &["listener", "limit"],
+        )?;
+        registry.register(Box::new(listener_limit_refusals.clone()))?;
         // Bounded by the identities of the node's pods.
         let certificate_expiry = IntGaugeVec::new(
             Opts::new(
@@ -303,6 +313,7 @@ impl Metrics {
             pool_connections,
             policy_refusals,
             handshake_errors,
+            listener_limit_refusals,
             certificate_expiry,
             policy_errors,
             pool,
@@ -338,6 +349,13 @@ impl Metrics {
         };
         self.handshake_errors
             .with_label_values(&[direction, reason])
+            .inc();
+    }
+
+    /// Count a connection refused at accept by a listener limit.
+    pub fn listener_limit_refused(&self, listener: &str, limit: &str) {
+        self.listener_limit_refusals
+            .with_label_values(&[listener, limit])
             .inc();
     }
 

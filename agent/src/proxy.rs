@@ -9,6 +9,7 @@ pub mod access_log;
 pub mod hbone;
 pub mod inbound;
 pub mod inbound_passthrough;
+pub mod limits;
 pub mod outbound;
 pub mod refusals;
 pub mod relay;
@@ -53,6 +54,8 @@ pub struct ProxyContext {
     pub metrics: Arc<Metrics>,
     /// The last refusals by policy, for `/config_dump` and `warren status`.
     pub refusals: refusals::RecentRefusals,
+    /// What each client may hold of the tunnel listeners (15008).
+    pub tunnel_admission: Arc<limits::TunnelAdmission>,
 }
 
 /// An enrolled pod as the proxy sees it.

@@ -8,6 +8,7 @@
 //! one at a time: some restart agents.
 //! These tests need root. Without it they fail — a skipped privileged test looks like a
 //! pass.
+mod abuse;
 mod bad_input;
 mod bypass;
 mod capture;
@@ -54,6 +55,7 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
     all.extend(interop::SCENARIOS);
     all.extend(policy::SCENARIOS);
     all.extend(bypass::SCENARIOS);
+    all.extend(abuse::SCENARIOS);
     all.extend(observability::SCENARIOS);
     all.extend(enrollment::SCENARIOS);
     all.extend(kubernetes::SCENARIOS);

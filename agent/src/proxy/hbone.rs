@@ -48,6 +48,7 @@ pub mod server;
 pub mod stream;
 #[cfg(test)]
 mod tests;
+pub mod transport;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -59,6 +60,7 @@ pub use headers::{CONNECTION_ID_HEADER, REASON_HEADER};
 pub use pool::{Pool, PoolConfig, PoolKey};
 pub use server::{serve, serve_until, InboundRequest};
 pub use stream::HboneStream;
+pub use transport::Transport;
 
 /// What the client asks the peer agent to connect to, and on whose behalf.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,17 +75,6 @@ pub struct ConnectRequest {
     pub forwarded_for: IpAddr,
     /// The source workload's metadata (`baggage`), for a ztunnel peer's metrics.
     pub baggage: Baggage,
-}
-
-/// The TCP socket under a tunnel's TLS, with buffers both ways (see
-/// [`tuning::TRANSPORT_BUFFER`]).
-pub type BufferedTcp = tokio::io::BufWriter<tokio::io::BufReader<tokio::net::TcpStream>>;
-
-pub fn buffered(tcp: tokio::net::TcpStream) -> BufferedTcp {
-    tokio::io::BufWriter::with_capacity(
-        tuning::TRANSPORT_BUFFER,
-        tokio::io::BufReader::with_capacity(tuning::TRANSPORT_BUFFER, tcp),
-    )
 }
 
 /// HTTP/2 settings both sides use. Large windows let one stream use the whole link.
@@ -118,7 +109,8 @@ pub(crate) mod tuning {
     /// stream). Reading: rustls asks for at most 4 KiB at a time; one `recv` now fills
     /// 64 KiB. Writing: h2 hands rustls one DATA frame at a time, and rustls writes each
     /// record out at once; the records now leave together when h2 flushes. See
-    /// docs/performance.md for what they changed.
+    /// docs/performance.md for what they changed. Allocated only once the TLS handshake
+    /// is done ([`super::Transport`]).
     pub const TRANSPORT_BUFFER: usize = 64 * 1024;
     /// A peer must finish the HTTP/2 preface within this time.
     pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -27,9 +27,17 @@ pub async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr, po
         super::reset(tcp);
         return;
     }
+    // Admitted against the listener limits before any TLS work: over a limit, reset.
+    let Ok(mut admission) = ctx.tunnel_admission.admit(pod.netns_cookie, peer.ip()) else {
+        super::reset(tcp);
+        return;
+    };
     let acceptor = TlsAcceptor::from(pod.tls_server.clone());
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(hbone::buffered(tcp)))
-        .await
+    let mut tls = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        acceptor.accept(hbone::Transport::new(tcp)),
+    )
+    .await
     {
         Err(_) => {
             ctx.metrics.handshake_failed(Direction::Inbound, "timeout");
@@ -45,6 +53,10 @@ pub async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr, po
         }
         Ok(Ok(tls)) => tls,
     };
+    // Authenticated: the connection now gets its transport buffers, and stops counting
+    // as a pending handshake (it counts against its source until it closes).
+    tls.get_mut().0.buffer();
+    admission.handshake_done();
     let peer_identity = match tls::peer_identity(tls.get_ref().1) {
         Ok(identity) => identity,
         Err(err) => {

@@ -163,8 +163,12 @@ async fn tunnel(
                 .await
                 .map_err(|err| err.to_string())?;
             TlsConnector::from(config)
-                .connect(server_name(dst.ip()), hbone::buffered(tcp))
+                .connect(server_name(dst.ip()), hbone::Transport::new(tcp))
                 .await
+                .map(|mut tls| {
+                    tls.get_mut().0.buffer();
+                    tls
+                })
                 .map_err(|err| {
                     let reason = tls::classify_handshake_error(&err);
                     ctx.metrics

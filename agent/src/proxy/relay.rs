@@ -12,8 +12,12 @@
 //! - DATA frames that arrived together go to the socket in one `writev`.
 //!
 //! Half-close is kept: when one side ends, the other side's write half is shut down and
-//! the reverse direction goes on. An error in either direction ends the relay (the
-//! caller drops both ends: the HBONE stream is reset, the socket closed).
+//! the reverse direction goes on. An error in either direction — a reset above all —
+//! ends the relay and is passed on as an error, never as a clean end: both ends are
+//! aborted ([`Duplex::abort`]: a TCP socket is reset, an HBONE stream gets
+//! `RST_STREAM(CONNECT_ERROR)`, as RFC 9113 §8.5 asks of a CONNECT proxy), so a client
+//! whose server died mid-response sees an error, not a truncated "complete" answer. The
+//! bytes counted are those that crossed, on every path.
 use std::{
     collections::VecDeque,
     io::{self, IoSlice},
@@ -64,6 +68,10 @@ pub(crate) trait Duplex {
         Self: 'a;
 
     fn halves(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>);
+
+    /// The relay failed: end this side so that its peer sees an error too (a reset), not
+    /// a clean end of stream. Called once, after the copying stopped.
+    fn abort(&mut self);
 }
 
 /// Copy both ways until both sides are done, keeping half-close. The byte counts (or the
@@ -73,36 +81,58 @@ where
     A: Duplex,
     B: Duplex,
 {
-    match copy_both_ways(downstream, upstream).await {
-        Ok((sent, received)) => {
-            record.bytes_sent = sent;
-            record.bytes_received = received;
-        }
-        Err(err) => record.outcome = Err(err.to_string()),
+    let (mut sent, mut received) = (0, 0);
+    let result = copy_counted(downstream, upstream, &mut sent, &mut received).await;
+    record.bytes_sent = sent;
+    record.bytes_received = received;
+    if let Err(err) = result {
+        record.outcome = Err(err.to_string());
+        downstream.abort();
+        upstream.abort();
     }
 }
 
-/// Bytes copied `a` → `b` and `b` → `a`.
+/// Bytes copied `a` → `b` and `b` → `a` (tests: the relay without a record).
+#[cfg(test)]
 pub(crate) async fn copy_both_ways<A: Duplex, B: Duplex>(
     a: &mut A,
     b: &mut B,
 ) -> io::Result<(u64, u64)> {
-    let (a_read, a_write) = a.halves();
-    let (b_read, b_write) = b.halves();
-    tokio::try_join!(copy_one_way(a_read, b_write), copy_one_way(b_read, a_write))
+    let (mut there, mut back) = (0, 0);
+    copy_counted(a, b, &mut there, &mut back).await?;
+    Ok((there, back))
 }
 
-async fn copy_one_way<R: ChunkRead, W: ChunkWrite>(mut from: R, mut to: W) -> io::Result<u64> {
+/// Copy both ways, adding what crossed to `there` (`a` → `b`) and `back` as it goes, so
+/// the counts are right when it fails too.
+async fn copy_counted<A: Duplex, B: Duplex>(
+    a: &mut A,
+    b: &mut B,
+    there: &mut u64,
+    back: &mut u64,
+) -> io::Result<()> {
+    let (a_read, a_write) = a.halves();
+    let (b_read, b_write) = b.halves();
+    tokio::try_join!(
+        copy_one_way(a_read, b_write, there),
+        copy_one_way(b_read, a_write, back)
+    )?;
+    Ok(())
+}
+
+async fn copy_one_way<R: ChunkRead, W: ChunkWrite>(
+    mut from: R,
+    mut to: W,
+    total: &mut u64,
+) -> io::Result<()> {
     let mut chunks = VecDeque::new();
-    let mut total = 0u64;
     while from.read_chunks(&mut chunks).await? {
         let n: usize = chunks.iter().map(Bytes::len).sum();
         to.write_chunks(&mut chunks).await?;
         from.consumed(n);
-        total += n as u64;
+        *total += n as u64;
     }
-    to.finish().await?;
-    Ok(total)
+    to.finish().await
 }
 
 impl<T: ChunkRead> ChunkRead for &mut T {
@@ -133,6 +163,15 @@ impl Duplex for TcpStream {
 
     fn halves(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>) {
         (&*self, &*self)
+    }
+
+    /// `SO_LINGER` 0: when its owner drops the socket (right after the relay), closing it
+    /// sends RST and drops unsent bytes — the peer reads "connection reset", not an end
+    /// of stream. (No `shutdown` here: that would send a FIN first.)
+    fn abort(&mut self) {
+        if let Err(err) = self.set_zero_linger() {
+            tracing::debug!(error = %err, "cannot set SO_LINGER 0; the aborted connection ends with FIN");
+        }
     }
 }
 
@@ -252,6 +291,35 @@ mod tests {
         assert_eq!(sent, b"thanks");
         let (up, down) = relay.await.unwrap().unwrap();
         assert_eq!((up, down), (upload.len() as u64, 6));
+    }
+
+    /// A server that writes and then resets reaches the client as a reset, after the
+    /// bytes that crossed, and the record counts those bytes and the error.
+    #[tokio::test]
+    async fn a_reset_reaches_the_other_side_as_a_reset() {
+        let (mut client, mut a) = pair().await;
+        let (mut b, mut server) = pair().await;
+        let relay = tokio::spawn(async move {
+            let mut record = ConnectionRecord::new(
+                "test".into(),
+                super::super::access_log::Direction::Inbound,
+                "127.0.0.1:1".parse().unwrap(),
+            );
+            relay(&mut a, &mut b, &mut record).await;
+            record
+        });
+        server.write_all(&[7; 1000]).await.unwrap();
+        server.flush().await.unwrap();
+        let mut first = [0; 1000];
+        client.read_exact(&mut first).await.unwrap();
+        server.set_zero_linger().unwrap();
+        drop(server);
+        let mut rest = Vec::new();
+        let err = client.read_to_end(&mut rest).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+        let record = relay.await.unwrap();
+        assert!(record.outcome.is_err(), "{:?}", record.outcome);
+        assert_eq!(record.bytes_received, 1000, "counted up to the reset");
     }
 
     /// A reset on one side ends the relay with an error instead of a clean end.

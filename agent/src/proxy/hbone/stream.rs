@@ -276,6 +276,13 @@ impl Duplex for HboneStream {
     fn halves(&mut self) -> (Self::Reader<'_>, Self::Writer<'_>) {
         (&mut self.reader, &mut self.writer)
     }
+
+    /// `RST_STREAM(CONNECT_ERROR)`: what RFC 9113 §8.5 has a CONNECT proxy send when its
+    /// TCP connection fails; the peer agent resets its socket in turn.
+    fn abort(&mut self) {
+        self.writer.send.send_reset(Reason::CONNECT_ERROR);
+        self.writer.write_shut = true;
+    }
 }
 
 impl AsyncRead for HboneStream {

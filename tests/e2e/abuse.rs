@@ -1,0 +1,178 @@
+//! One client must not hurt the others: the agent serves every pod of its node, so what a
+//! single misbehaving host can take of it is bounded, and everybody else is served.
+use std::{
+    io::{BufRead as _, BufReader},
+    path::Path,
+    process::Stdio,
+};
+
+use anyhow::{ensure, Context as _, Result};
+use serde_json::Value;
+use warren_lab::{AppMode, Family, Lab};
+
+use crate::support::{ensure_ok, metric_value, metrics_page};
+
+pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
+    (
+        "abuse::idle_connections_to_15008_are_bounded",
+        idle_connections_to_15008_are_bounded,
+    ),
+    ("abuse::resets_stay_resets", resets_stay_resets),
+];
+
+/// Idle TCP connections `outside` opens to `demo/server`'s 15008 and never speaks TLS on.
+const FLOOD: usize = 2000;
+/// What those may add to n2's agent's resident memory. Before the transport buffers
+/// waited for the handshake, 2,000 took ~250 MiB (2 × 64 KiB each); now the first
+/// `--max-pending-handshakes-per-source` (64) wait for their handshake timeout, bare,
+/// and the rest are reset at accept.
+const RSS_BOUND_KIB: u64 = 32 * 1024;
+
+/// 2,000 idle connections from one host outside the mesh to `demo/server`'s 15008: all
+/// but the per-source pending-handshake budget are reset at once, counted in
+/// `warren_listener_limit_refusals_total`, the agent's memory barely moves, and a mesh
+/// client is served throughout.
+fn idle_connections_to_15008_are_bounded(lab: &Lab) -> Result<()> {
+    let app = lab.serve("demo/server", 0, AppMode::Echo)?;
+    let dst = lab.pod("demo/server").addr(Family::V4, app.port());
+    let pid = lab.agent_pid("n2").context("n2's agent is not running")?;
+    let before = rss_kib(pid)?;
+
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/abuse/idle_flood.py");
+    let mut flood = lab
+        .command("outside", "python3")?
+        .arg(script)
+        .args(["--addr", &format!("{}:15008", dst.ip())])
+        .args(["--count", &FLOOD.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the idle-connection flood")?;
+    // Dropping stdin ends the flood; kill it too, whatever happens here.
+    let result = (|| -> Result<()> {
+        let mut line = String::new();
+        BufReader::new(flood.stdout.as_mut().context("flood stdout")?).read_line(&mut line)?;
+        let report: Value =
+            serde_json::from_str(&line).with_context(|| format!("flood report: {line:?}"))?;
+        let count = |key: &str| report[key].as_u64().unwrap_or(u64::MAX);
+        // A few connects may fail outright while the accept queue is full: refused too.
+        ensure!(
+            count("open") <= 64
+                && count("reset").saturating_add(count("failed_connect")) >= FLOOD as u64 - 64,
+            "all but the per-source pending budget (64) should be reset at accept: {report}"
+        );
+        let during = rss_kib(pid)?;
+        ensure!(
+            during.saturating_sub(before) < RSS_BOUND_KIB,
+            "n2's agent grew from {before} KiB to {during} KiB under {FLOOD} idle connections"
+        );
+        let refused = metric_value(
+            &metrics_page(lab, "n2")?,
+            r#"warren_listener_limit_refusals_total{limit="pending_handshakes_per_source",listener="15008"}"#,
+        );
+        ensure!(
+            refused >= Some(count("reset") - 64),
+            "the refusals should be counted: {refused:?} ({report})"
+        );
+        ensure_ok(
+            &lab.connect("demo/client", dst, AppMode::Echo, 64 * 1024)?,
+            "a mesh client during the flood",
+        )
+    })();
+    drop(flood.stdin.take());
+    let _ = flood.kill();
+    let _ = flood.wait();
+    result
+}
+
+/// A server that writes 1 MiB and resets reaches the mesh client as a reset, never as a
+/// clean end that would make a truncated answer look complete; and a client that does
+/// the same reaches the server as a reset. Across nodes (HBONE between two agents:
+/// `RST_STREAM(CONNECT_ERROR)` carries it) and on one node.
+fn resets_stay_resets(lab: &Lab) -> Result<()> {
+    for server in ["demo/server", "demo/peer"] {
+        let (end, _) = reset_exchange(lab, server, "--write", "demo/client", "--read")?;
+        ensure!(
+            end["end"] == "reset",
+            "demo/client → {server}: the server reset, the client saw {end}"
+        );
+        let (_, end) = reset_exchange(lab, server, "--read", "demo/client", "--write")?;
+        ensure!(
+            end["end"] == "reset",
+            "demo/client → {server}: the client reset, the server saw {end}"
+        );
+    }
+    Ok(())
+}
+
+/// `reset_peer.py server <server_role>` in `server` and `client <client_role>` in
+/// `client` (a `--write` end writes 1 MiB then resets, a `--read` end reports how it
+/// ended); the two reports, client's first.
+fn reset_exchange(
+    lab: &Lab,
+    server: &str,
+    server_role: &str,
+    client: &str,
+    client_role: &str,
+) -> Result<(Value, Value)> {
+    const BYTES: &str = "1048576";
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/abuse/reset_peer.py");
+    let with_bytes = |cmd: &mut std::process::Command, role: &str| {
+        cmd.arg(role);
+        if role == "--write" {
+            cmd.arg(BYTES);
+        }
+    };
+    let mut server_cmd = lab.command(server, "python3")?;
+    server_cmd.arg(&script).arg("server");
+    with_bytes(&mut server_cmd, server_role);
+    let mut serving = server_cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting reset_peer.py server")?;
+    let result = (|| -> Result<(Value, Value)> {
+        let mut lines = BufReader::new(serving.stdout.take().context("server stdout")?).lines();
+        let mut next = || -> Result<Value> {
+            let line = lines
+                .next()
+                .context("reset_peer.py server said nothing")??;
+            serde_json::from_str(&line).with_context(|| format!("server line {line:?}"))
+        };
+        let port = next()?["listening"].as_u64().context("no listening port")?;
+        let addr = lab.pod(server).addr(Family::V4, port as u16);
+        let mut client_cmd = lab.command(client, "python3")?;
+        client_cmd
+            .arg(&script)
+            .arg("client")
+            .args(["--addr", &addr.to_string()]);
+        with_bytes(&mut client_cmd, client_role);
+        let out = client_cmd
+            .stdin(Stdio::null())
+            .output()
+            .context("running reset_peer.py client")?;
+        let line = String::from_utf8_lossy(&out.stdout);
+        let client_report: Value = serde_json::from_str(line.trim()).with_context(|| {
+            format!(
+                "client report {line:?} ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        Ok((client_report, next()?))
+    })();
+    let _ = serving.kill();
+    let _ = serving.wait();
+    result
+}
+
+/// Resident memory of `pid`, KiB.
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .context("no VmRSS in /proc/<pid>/status")
+}

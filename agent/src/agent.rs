@@ -228,6 +228,7 @@ pub async fn run(config: Config, logs: Option<LogControl>) -> Result<(), AgentEr
         policy: shared_policy.clone(),
         node_ips: node_addresses(),
         tunnel_admission: TunnelAdmission::new(config.tunnel_limits, metrics.clone()),
+        idle_timeout: config.idle_timeout,
         metrics,
         refusals: Default::default(),
     });

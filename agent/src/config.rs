@@ -192,6 +192,11 @@ pub struct AgentArgs {
     )]
     pub readiness_addr: std::net::SocketAddr,
 
+    /// Close (reset) a proxied connection on which no byte moved either way for this long
+    /// (Istio's TCP idle timeout is 1 h too).
+    #[arg(long, env = "WARREN_IDLE_TIMEOUT", value_parser = parse_positive_duration, default_value = "1h")]
+    pub idle_timeout: Duration,
+
     /// TLS handshakes in progress allowed on one pod's tunnel port (15008); more are reset
     /// at accept and counted in warren_listener_limit_refusals_total.
     #[arg(long, env = "WARREN_MAX_PENDING_HANDSHAKES", value_name = "N", default_value_t = TunnelLimits::default().pending_handshakes_per_listener as u32, value_parser = clap::value_parser!(u32).range(1..))]
@@ -262,6 +267,7 @@ pub struct Config {
     pub root_namespace: String,
     pub probe_pretend_missing: Vec<KernelFeature>,
     pub tunnel_limits: TunnelLimits,
+    pub idle_timeout: Duration,
 }
 
 /// Flags that parse but do not make a runnable agent.
@@ -323,12 +329,22 @@ impl TryFrom<AgentArgs> for Config {
             policy: args.policy,
             root_namespace: args.root_namespace,
             probe_pretend_missing: args.probe_pretend_missing,
+            idle_timeout: args.idle_timeout,
             tunnel_limits: TunnelLimits {
                 pending_handshakes_per_listener: args.max_pending_handshakes as usize,
                 pending_handshakes_per_source: args.max_pending_handshakes_per_source as usize,
                 connections_per_source: args.max_tunnel_connections_per_source as usize,
             },
         })
+    }
+}
+
+/// A duration above zero (`1h`, `90s`): a zero idle timeout would close every connection.
+fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(duration) if duration.is_zero() => Err("must be longer than 0".into()),
+        Ok(duration) => Ok(duration),
+        Err(err) => Err(err.to_string()),
     }
 }
 

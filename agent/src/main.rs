@@ -41,22 +41,27 @@ fn quiet_aya(directives: &str) -> String {
 }
 
 /// Log to stderr through a filter that the admin endpoint can change at run time.
-fn init_logging() -> warren::admin::LogControl {
+/// Diagnostics to stderr and the access log to stdout, both through writer threads that
+/// never make the caller wait (`log_output`); the returned guard flushes them when
+/// `main` ends.
+fn init_logging() -> (warren::admin::LogControl, warren::log_output::Outputs) {
     use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _};
+    let outputs = warren::log_output::install();
     let (directives, filter) = log_filter();
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     tracing_subscriber::registry()
         .with(filter)
         .with(
             tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
+                .with_writer(outputs.diagnostics.clone())
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
         )
         .init();
-    warren::admin::LogControl::new(directives, move |requested| {
+    let control = warren::admin::LogControl::new(directives, move |requested| {
         let filter = EnvFilter::try_new(quiet_aya(requested)).map_err(|err| err.to_string())?;
         handle.reload(filter).map_err(|err| err.to_string())
-    })
+    });
+    (control, outputs)
 }
 
 /// warren: sidecarless mutual TLS for Kubernetes pods, one agent per node.
@@ -153,7 +158,7 @@ enum CniCommand {
 fn main() -> ExitCode {
     // A usage error exits 2, which `check` and `verify` also use for "could not check".
     let cli = Cli::parse();
-    let logs = init_logging();
+    let (logs, _outputs) = init_logging();
     match cli.command {
         Command::Check(args) => {
             let outcome = warren::check::run(&args);

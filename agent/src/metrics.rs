@@ -206,6 +206,7 @@ pub struct Metrics {
     policy_refusals: IntCounterVec,
     handshake_errors: IntCounterVec,
     listener_limit_refusals: IntCounterVec,
+    log_lines_dropped: IntCounterVec,
     certificate_expiry: IntGaugeVec,
     policy_errors: IntGaugeVec,
     pool: hbone::Pool,
@@ -282,6 +283,15 @@ impl Metrics {
             &["listener", "limit"],
         )?;
         registry.register(Box::new(listener_limit_refusals.clone()))?;
+        // Bounded: the two output streams.
+        let log_lines_dropped = IntCounterVec::new(
+            Opts::new(
+                "warren_log_lines_dropped_total",
+                "Log lines dropped because their stream's writer was behind (a stdout or stderr nobody reads): stream is access (the access log) or diagnostic. Traffic never waits for a log.",
+            ),
+            &["stream"],
+        )?;
+        registry.register(Box::new(log_lines_dropped.clone()))?;
         // Bounded by the identities of the node's pods.
         let certificate_expiry = IntGaugeVec::new(
             Opts::new(
@@ -314,6 +324,7 @@ impl Metrics {
             policy_refusals,
             handshake_errors,
             listener_limit_refusals,
+            log_lines_dropped,
             certificate_expiry,
             policy_errors,
             pool,
@@ -421,6 +432,11 @@ impl Metrics {
                     .with_label_values(&[label.as_str()])
                     .set(count as i64);
             }
+        }
+        let (access, diagnostic) = crate::log_output::dropped_lines();
+        for (stream, dropped) in [("access", access), ("diagnostic", diagnostic)] {
+            let counter = self.log_lines_dropped.with_label_values(&[stream]);
+            counter.inc_by(dropped.saturating_sub(counter.get()));
         }
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed metrics.

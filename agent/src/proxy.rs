@@ -56,6 +56,9 @@ pub struct ProxyContext {
     pub refusals: refusals::RecentRefusals,
     /// What each client may hold of the tunnel listeners (15008).
     pub tunnel_admission: Arc<limits::TunnelAdmission>,
+    /// A proxied connection on which no byte moved either way for this long is closed
+    /// (reset), as Istio's TCP idle timeout does (`--idle-timeout`, 1 h).
+    pub idle_timeout: Duration,
 }
 
 /// An enrolled pod as the proxy sees it.

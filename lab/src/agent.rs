@@ -42,6 +42,9 @@ pub struct Launch<'a> {
     pub cert_lifetime: Option<Duration>,
     /// Log file, appended to.
     pub log: &'a Path,
+    /// Where stdout (the access log) goes instead of the log file: the write end of a
+    /// pipe, for tests of a stalled log reader.
+    pub stdout: Option<std::os::fd::BorrowedFd<'a>>,
 }
 
 /// Where an agent learns workloads and policy.
@@ -215,9 +218,14 @@ pub fn start(launch: &Launch<'_>) -> Result<Pid> {
     // Logs are appended across restarts: only what this start writes counts.
     let offset = log.metadata().map(|m| m.len()).unwrap_or(0);
     let mut cmd = launch.command();
-    cmd.stdin(Stdio::null())
-        .stdout(log.try_clone().context("duplicating the log file handle")?)
-        .stderr(log);
+    let stdout = match launch.stdout {
+        Some(fd) => Stdio::from(
+            fd.try_clone_to_owned()
+                .context("duplicating the stdout pipe")?,
+        ),
+        None => Stdio::from(log.try_clone().context("duplicating the log file handle")?),
+    };
+    cmd.stdin(Stdio::null()).stdout(stdout).stderr(log);
     enter::place(
         &mut cmd,
         &Placement {
@@ -336,6 +344,7 @@ mod tests {
             ca_dir: &path,
             log: &path,
             cert_lifetime,
+            stdout: None,
         };
         launch
             .command()

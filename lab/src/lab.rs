@@ -763,11 +763,35 @@ impl Lab {
     }
 
     /// Start a node's agent that is not running: in `redirect` mode, else the lab's.
+    /// Start the agent of `node` in the lab's mode with its stdout — the access log — into
+    /// a pipe nobody reads: the returned read end, which the caller holds (and may drain)
+    /// — a log shipper that stalled. Diagnostics still go to the agent's log file.
+    /// [`Self::start_agent`] goes back to the usual log.
+    pub fn start_agent_with_stalled_stdout(
+        &self,
+        node: &str,
+    ) -> Result<(u32, std::os::fd::OwnedFd)> {
+        let (read, write) = nix::unistd::pipe().context("making the stdout pipe")?;
+        let pid =
+            self.start_stopped_agent_with(node, None, StartControl::Local(None), Some(write))?;
+        Ok((pid, read))
+    }
+
     fn start_stopped_agent(
         &self,
         node: &str,
         redirect: Option<RedirectMode>,
         control: StartControl<'_>,
+    ) -> Result<u32> {
+        self.start_stopped_agent_with(node, redirect, control, None)
+    }
+
+    fn start_stopped_agent_with(
+        &self,
+        node: &str,
+        redirect: Option<RedirectMode>,
+        control: StartControl<'_>,
+        stdout: Option<std::os::fd::OwnedFd>,
     ) -> Result<u32> {
         let LabMode::Agents(lab_redirect) = self.mode else {
             bail!("the lab is up without agents (mode no-agents); bring it up with agents to start one");
@@ -776,7 +800,13 @@ impl Lab {
         if let Some(pid) = self.agent_pid(node) {
             bail!("the agent of {node} is already running (pid {pid}); kill it first");
         }
-        self.start_agent_locked(&lock, node, redirect.unwrap_or(lab_redirect), control)
+        self.start_agent_locked_with(
+            &lock,
+            node,
+            redirect.unwrap_or(lab_redirect),
+            control,
+            stdout,
+        )
     }
 
     /// Where `node`'s Kubernetes-mode agent listens for `warren-cni`.
@@ -849,6 +879,17 @@ impl Lab {
         redirect: RedirectMode,
         control: StartControl<'_>,
     ) -> Result<u32> {
+        self.start_agent_locked_with(lock, node_name, redirect, control, None)
+    }
+
+    fn start_agent_locked_with(
+        &self,
+        lock: &LabLock,
+        node_name: &str,
+        redirect: RedirectMode,
+        control: StartControl<'_>,
+        stdout: Option<std::os::fd::OwnedFd>,
+    ) -> Result<u32> {
         if !matches!(self.mode, LabMode::Agents(_)) {
             bail!("the lab is up without agents (mode no-agents); bring it up with agents to start one");
         }
@@ -885,6 +926,7 @@ impl Lab {
             ca_dir: &self.dir.ca(),
             log: &log,
             cert_lifetime: state.cert_lifetime,
+            stdout: stdout.as_ref().map(std::os::fd::AsFd::as_fd),
         })?;
         eprintln!(
             "lab: the agent of {node_name} is ready (pid {pid}, log {})",

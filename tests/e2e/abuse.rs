@@ -4,11 +4,12 @@ use std::{
     io::{BufRead as _, BufReader},
     path::Path,
     process::Stdio,
+    time::Duration,
 };
 
 use anyhow::{ensure, Context as _, Result};
 use serde_json::Value;
-use warren_lab::{AppMode, Family, Lab};
+use warren_lab::{AppMode, ConnectOptions, Family, Lab, LoadOptions};
 
 use crate::support::{ensure_ok, metric_value, metrics_page};
 
@@ -18,6 +19,10 @@ pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
         idle_connections_to_15008_are_bounded,
     ),
     ("abuse::resets_stay_resets", resets_stay_resets),
+    (
+        "abuse::stalled_access_log_does_not_stop_traffic",
+        stalled_access_log_does_not_stop_traffic,
+    ),
 ];
 
 /// Idle TCP connections `outside` opens to `demo/server`'s 15008 and never speaks TLS on.
@@ -164,6 +169,77 @@ fn reset_exchange(
     let _ = serving.kill();
     let _ = serving.wait();
     result
+}
+
+/// n2's agent with its stdout — the access log — in a pipe nobody reads, as when a log
+/// shipper stalls: the pipe fills after a few hundred lines, and the agent goes on
+/// carrying traffic (dropping and counting the lines it cannot write) instead of
+/// stopping its data path on a blocked write.
+fn stalled_access_log_does_not_stop_traffic(lab: &Lab) -> Result<()> {
+    /// Each connection logs a line of ~500 bytes on n2; the pipe holds 64 KiB.
+    const CONNECTIONS: usize = 400;
+    let app = lab.serve("demo/server", 0, AppMode::Echo)?;
+    let dst = lab.pod("demo/server").addr(Family::V4, app.port());
+    lab.kill_agent("n2", warren_lab::Signal::SIGTERM)?;
+    let result = (|| -> Result<()> {
+        let (_pid, unread) = lab.start_agent_with_stalled_stdout("n2")?;
+        // In rounds, so that the later ones come after the pipe filled.
+        for round in 0..CONNECTIONS / 100 {
+            let options = ConnectOptions {
+                timeout: Duration::from_secs(10),
+                ..ConnectOptions::tcp(dst, AppMode::Echo, 64)
+            };
+            let load = LoadOptions {
+                parallel: 100,
+                ..LoadOptions::default()
+            };
+            let report = lab.connect_load("demo/client", &options, &load)?;
+            ensure!(
+                report.ok,
+                "round {round}: 100 connections while n2's stdout was stalled: {report:?}"
+            );
+        }
+        // The stall was real: the pipe is full (64 KiB, in pages: ~58 KiB of lines), so the agent's writer has been
+        // blocked while the connections above went through.
+        let waiting = pipe_contents(unread)?;
+        ensure!(
+            waiting >= 48 * 1024,
+            "n2's stdout pipe should be full, it holds {waiting} bytes"
+        );
+        ensure!(
+            metric_value(
+                &metrics_page(lab, "n2")?,
+                r#"warren_log_lines_dropped_total{stream="access"}"#
+            )
+            .is_some(),
+            "n2 should report warren_log_lines_dropped_total"
+        );
+        Ok(())
+    })();
+    // Back to the usual log, whatever happened.
+    lab.kill_agent("n2", warren_lab::Signal::SIGTERM)?;
+    lab.start_agent("n2")?;
+    result
+}
+
+/// How many bytes wait in the pipe `read` is the read end of (read without blocking).
+fn pipe_contents(read: std::os::fd::OwnedFd) -> Result<usize> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    use std::io::Read as _;
+    use std::os::fd::AsRawFd as _;
+    let mut pipe = std::fs::File::from(read);
+    fcntl(pipe.as_raw_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
+        .context("making the pipe non-blocking")?;
+    let mut total = 0;
+    let mut buf = [0u8; 65536];
+    loop {
+        match pipe.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => total += n,
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => return Ok(total),
+            Err(err) => return Err(err.into()),
+        }
+    }
 }
 
 /// Resident memory of `pid`, KiB.

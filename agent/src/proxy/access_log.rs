@@ -4,9 +4,9 @@
 //! connection can be followed across nodes.
 //!
 //! Lines go to stdout, apart from the diagnostic log on stderr, so they can be collected
-//! and parsed as they are.
+//! and parsed as they are — through a writer thread (`crate::log_output`), so a stdout
+//! nobody reads never stalls the data path.
 use std::{
-    io::Write as _,
     net::SocketAddr,
     sync::Arc,
     time::{Instant, SystemTime},
@@ -189,7 +189,9 @@ impl ConnectionRecord {
         metrics.connection_closed(&self);
         let mut line = self.to_json();
         line.push('\n');
-        let _ = std::io::stdout().lock().write_all(line.as_bytes());
+        // Through a queue to a writer thread: a stalled stdout drops (and counts) lines,
+        // it never stalls the data path.
+        crate::log_output::access_line(&line);
     }
 }
 

@@ -178,7 +178,7 @@ async fn stream(
         }
     };
     match request.accept(&pod.baggage) {
-        Ok(mut tunnel) => relay(&mut tunnel, &mut upstream, &mut record).await,
+        Ok(mut tunnel) => relay(&mut tunnel, &mut upstream, &mut record, ctx.idle_timeout).await,
         Err(err) => record.outcome = Err(err.to_string()),
     }
     record.emit(&ctx.metrics);

@@ -53,10 +53,23 @@ pub async fn handle(
     }
     // The pod dialling its own address is not captured again (sk_lookup skips it).
     match connect_from(&pod.netns, dst).await {
-        Ok(mut upstream) => relay(&mut downstream, &mut upstream, &mut record).await,
+        Ok(mut upstream) => {
+            relay(
+                &mut downstream,
+                &mut upstream,
+                &mut record,
+                ctx.idle_timeout,
+            )
+            .await
+        }
         Err(err) => record.failed(err.to_string()),
     }
+    // As the app itself would: nothing listening, or a broken relay, is a reset.
+    let failed = record.outcome.is_err();
     record.emit(&ctx.metrics);
+    if failed {
+        reset(downstream);
+    }
 }
 
 /// Why a plaintext connection to `dst` is not delivered whatever the policy, if so.

@@ -58,6 +58,7 @@ pub async fn handle(
         ));
         record.response_flags = ResponseFlags::NoHealthyUpstream;
         record.emit(&ctx.metrics);
+        super::reset(downstream);
         return;
     }
 
@@ -71,10 +72,16 @@ pub async fn handle(
         Some(workload) => tunnel(&ctx, &pod, &workload, dst, &mut downstream, &mut record).await,
         None => {
             record.opened(&ctx.metrics);
-            passthrough(&pod, dst, &mut downstream, &mut record).await
+            passthrough(&pod, dst, &mut downstream, &mut record, ctx.idle_timeout).await
         }
     }
+    // The app sees a failure as one: a destination that could not be reached, a tunnel
+    // the peer refused, a relay that broke all end in a reset, never a clean end.
+    let failed = record.outcome.is_err();
     record.emit(&ctx.metrics);
+    if failed {
+        super::reset(downstream);
+    }
 }
 
 /// Why sending a connection on to `dst` would come back to the agent, if it would.
@@ -101,6 +108,7 @@ async fn passthrough(
     dst: SocketAddr,
     downstream: &mut TcpStream,
     record: &mut ConnectionRecord,
+    idle: Duration,
 ) {
     let mut upstream = match connect_from(&pod.netns, dst).await {
         Ok(upstream) => upstream,
@@ -110,7 +118,7 @@ async fn passthrough(
         }
     };
     record.src_addr = upstream.local_addr().ok().map(|a| a.to_string());
-    relay(downstream, &mut upstream, record).await;
+    relay(downstream, &mut upstream, record, idle).await;
 }
 
 /// In the mesh: a CONNECT stream over a pooled mTLS connection to the destination pod.
@@ -188,7 +196,7 @@ async fn tunnel(
     // by the same connect timeout), so the whole exchange is bounded too.
     let open = tokio::time::timeout(TUNNEL_OPEN_TIMEOUT, ctx.pool.connect(key, &request, dial));
     match open.await {
-        Ok(Ok(mut stream)) => relay(downstream, &mut stream, record).await,
+        Ok(Ok(mut stream)) => relay(downstream, &mut stream, record, ctx.idle_timeout).await,
         Ok(Err(err)) => record.failed(err.to_string()),
         Err(_) => record.failed(format!(
             "no answer from {tunnel_addr} within {TUNNEL_OPEN_TIMEOUT:?}"

@@ -22,7 +22,11 @@ use std::{
     collections::VecDeque,
     io::{self, IoSlice},
     net::Shutdown,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
 };
+
+use tokio::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::net::TcpStream;
@@ -74,15 +78,28 @@ pub(crate) trait Duplex {
     fn abort(&mut self);
 }
 
-/// Copy both ways until both sides are done, keeping half-close. The byte counts (or the
-/// error) go into `record`: `bytes_sent` downstream → upstream, `bytes_received` back.
-pub(crate) async fn relay<A, B>(downstream: &mut A, upstream: &mut B, record: &mut ConnectionRecord)
-where
+/// Copy both ways until both sides are done, keeping half-close, or until no byte has
+/// moved either way for `idle` (then both ends are aborted, as on any error). The byte
+/// counts (and the error) go into `record`: `bytes_sent` downstream → upstream,
+/// `bytes_received` back.
+pub(crate) async fn relay<A, B>(
+    downstream: &mut A,
+    upstream: &mut B,
+    record: &mut ConnectionRecord,
+    idle: Duration,
+) where
     A: Duplex,
     B: Duplex,
 {
     let (mut sent, mut received) = (0, 0);
-    let result = copy_counted(downstream, upstream, &mut sent, &mut received).await;
+    let activity = Activity::new();
+    let result = tokio::select! {
+        result = copy_counted(downstream, upstream, &mut sent, &mut received, &activity) => result,
+        () = activity.idle_for(idle) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("idle for {}: no byte either way", humantime::format_duration(idle)),
+        )),
+    };
     record.bytes_sent = sent;
     record.bytes_received = received;
     if let Err(err) = result {
@@ -99,8 +116,40 @@ pub(crate) async fn copy_both_ways<A: Duplex, B: Duplex>(
     b: &mut B,
 ) -> io::Result<(u64, u64)> {
     let (mut there, mut back) = (0, 0);
-    copy_counted(a, b, &mut there, &mut back).await?;
+    copy_counted(a, b, &mut there, &mut back, &Activity::new()).await?;
     Ok((there, back))
+}
+
+/// When bytes last moved on a relay, either way: what its idle timeout watches.
+struct Activity {
+    start: Instant,
+    /// Milliseconds since `start` at the last chunk.
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let now = self.start.elapsed().as_millis() as u64;
+        self.last.store(now, Ordering::Relaxed);
+    }
+
+    /// Completes once nothing moved for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let last = self.start + Duration::from_millis(self.last.load(Ordering::Relaxed));
+            tokio::time::sleep_until(last + idle).await;
+            if self.start + Duration::from_millis(self.last.load(Ordering::Relaxed)) == last {
+                return;
+            }
+        }
+    }
 }
 
 /// Copy both ways, adding what crossed to `there` (`a` → `b`) and `back` as it goes, so
@@ -110,12 +159,13 @@ async fn copy_counted<A: Duplex, B: Duplex>(
     b: &mut B,
     there: &mut u64,
     back: &mut u64,
+    activity: &Activity,
 ) -> io::Result<()> {
     let (a_read, a_write) = a.halves();
     let (b_read, b_write) = b.halves();
     tokio::try_join!(
-        copy_one_way(a_read, b_write, there),
-        copy_one_way(b_read, a_write, back)
+        copy_one_way(a_read, b_write, there, activity),
+        copy_one_way(b_read, a_write, back, activity)
     )?;
     Ok(())
 }
@@ -124,9 +174,11 @@ async fn copy_one_way<R: ChunkRead, W: ChunkWrite>(
     mut from: R,
     mut to: W,
     total: &mut u64,
+    activity: &Activity,
 ) -> io::Result<()> {
     let mut chunks = VecDeque::new();
     while from.read_chunks(&mut chunks).await? {
+        activity.touch();
         let n: usize = chunks.iter().map(Bytes::len).sum();
         to.write_chunks(&mut chunks).await?;
         from.consumed(n);
@@ -305,7 +357,7 @@ mod tests {
                 super::super::access_log::Direction::Inbound,
                 "127.0.0.1:1".parse().unwrap(),
             );
-            relay(&mut a, &mut b, &mut record).await;
+            relay(&mut a, &mut b, &mut record, Duration::from_secs(3600)).await;
             record
         });
         server.write_all(&[7; 1000]).await.unwrap();
@@ -320,6 +372,39 @@ mod tests {
         let record = relay.await.unwrap();
         assert!(record.outcome.is_err(), "{:?}", record.outcome);
         assert_eq!(record.bytes_received, 1000, "counted up to the reset");
+    }
+
+    /// Nothing moving either way for the idle timeout ends the relay with an error, both
+    /// ends reset; bytes that keep moving keep it open. (Paused time: the clock jumps
+    /// when every task waits.)
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_closed_with_a_reset() {
+        let (mut client, mut a) = pair().await;
+        let (mut b, mut server) = pair().await;
+        let relay = tokio::spawn(async move {
+            let mut record = ConnectionRecord::new(
+                "test".into(),
+                super::super::access_log::Direction::Inbound,
+                "127.0.0.1:1".parse().unwrap(),
+            );
+            relay(&mut a, &mut b, &mut record, Duration::from_secs(60)).await;
+            record
+        });
+        // Active for longer than the timeout: one byte every 40 s, echoed.
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(40)).await;
+            client.write_all(b"x").await.unwrap();
+            let mut one = [0; 1];
+            server.read_exact(&mut one).await.unwrap();
+        }
+        assert!(!relay.is_finished(), "closed while bytes were moving");
+        let record = relay.await.unwrap();
+        let error = record.outcome.unwrap_err();
+        assert!(error.contains("idle for 1m"), "{error}");
+        assert_eq!(record.bytes_sent, 3);
+        let mut rest = Vec::new();
+        let err = client.read_to_end(&mut rest).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
     }
 
     /// A reset on one side ends the relay with an error instead of a clean end.

@@ -117,7 +117,13 @@ def main():
 
     result = {"trace_id": trace_id, "server_id": server_id}
     while not ended:
-        data = tls.recv(65536)
+        try:
+            data = tls.recv(65536)
+        except (ssl.SSLError, OSError) as error:
+            # TLS 1.3: a server that refuses our certificate says so (an alert) after the
+            # client considers the handshake done, at the first read.
+            result["tls_error"] = str(error)
+            break
         if not data:
             result["error"] = "the server closed the connection"
             break

@@ -411,7 +411,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CaServeError> {
 }
 
 /// The identity a CSR asks for: its URI SAN.
-fn csr_identity(csr: &[u8]) -> Result<Identity, crate::identity::IdentityError> {
+pub fn csr_identity(csr: &[u8]) -> Result<Identity, crate::identity::IdentityError> {
     let params = rcgen::CertificateSigningRequestParams::from_der(
         &rustls_pki_types::CertificateSigningRequestDer::from(csr),
     );
@@ -428,7 +428,7 @@ fn csr_identity(csr: &[u8]) -> Result<Identity, crate::identity::IdentityError> 
 }
 
 /// The DER of a PEM `CERTIFICATE REQUEST`.
-fn csr_der(text: &str) -> Option<Vec<u8>> {
+pub fn csr_der(text: &str) -> Option<Vec<u8>> {
     use rustls_pki_types::pem::PemObject as _;
     rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(text.as_bytes())
         .ok()

@@ -174,6 +174,24 @@ pub fn check_python() -> Vec<Missing> {
         .collect()
 }
 
+/// The cargo-fuzz release `cargo xtask fuzz` runs the fuzz targets with.
+pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// cargo-fuzz (`cargo fuzz`), for `cargo xtask fuzz` and the short fuzz runs of the tests.
+pub fn check_fuzz() -> Vec<Missing> {
+    if output("cargo", &["fuzz", "--version"]).is_some() {
+        return Vec::new();
+    }
+    vec![Missing {
+        what: "cargo-fuzz".into(),
+        detail: "needed to run the fuzz targets (nightly, libFuzzer)".into(),
+        fix: Fix::CargoInstall {
+            krate: "cargo-fuzz".into(),
+            version: CARGO_FUZZ_VERSION.into(),
+        },
+    }]
+}
+
 /// Whether `bpf-linker --version` output is of the supported release line.
 pub fn bpf_linker_version_ok(version_output: &str) -> bool {
     let wanted = BPF_LINKER_VERSION

@@ -5,6 +5,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod lab;
 mod setup;
 mod test;
@@ -49,7 +50,11 @@ enum Command {
     /// on the lab, as ratios against direct connections measured in the same run; a
     /// table on stdout, JSON under target/bench/. Takes the lab down at the end.
     Bench(bench::BenchArgs),
-    /// Run the tests (as root): build warren and the lab, `cargo test`, lab down.
+    /// Run every fuzz target (cargo-fuzz, nightly) for a while each, from the seeds in
+    /// fuzz/seeds; a finding fails with the input's path.
+    Fuzz(fuzz::FuzzArgs),
+    /// Run the tests (as root): build warren and the lab, `cargo test`, lab down, then a
+    /// short run of every fuzz target.
     Test {
         /// Arguments passed on to `cargo test`, after `--`.
         #[arg(last = true)]
@@ -70,6 +75,7 @@ fn main() -> ExitCode {
             no_agents,
         } => demo::run(redirect, !no_agents),
         Command::Bench(args) => bench::run(&args),
+        Command::Fuzz(args) => fuzz::run(&args),
         Command::Test { args } => test::run(&args),
     };
     match result {

@@ -16,18 +16,23 @@ pub enum Scope {
     /// The tools and the toolchain that builds the agent's eBPF programs.
     Everything,
     /// All of that, and what the tests use besides (the Python `h2` package of the
-    /// HBONE interop tests).
+    /// HBONE interop tests, cargo-fuzz for the short fuzz runs).
     Tests,
+    /// The toolchain and cargo-fuzz, for `cargo xtask fuzz`.
+    Fuzz,
 }
 
 /// What `scope` needs and this machine lacks.
 fn lacking(scope: Scope) -> Vec<Missing> {
     let mut missing = prereq::check_tools();
-    if matches!(scope, Scope::Everything | Scope::Tests) {
+    if matches!(scope, Scope::Everything | Scope::Tests | Scope::Fuzz) {
         missing.extend(prereq::check_toolchain());
     }
     if scope == Scope::Tests {
         missing.extend(prereq::check_python());
+    }
+    if matches!(scope, Scope::Tests | Scope::Fuzz) {
+        missing.extend(prereq::check_fuzz());
     }
     missing
 }

@@ -1,4 +1,5 @@
-//! `cargo xtask test`: the project's one test command (CI runs it through `.ci/run`).
+//! `cargo xtask test`: the project's one test command (CI runs it through `.ci/run`):
+//! the unit and end-to-end tests, then a short run of every fuzz target.
 
 use std::process::ExitCode;
 
@@ -37,5 +38,17 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     }
-    Ok(crate::exit_code(tests))
+    if !tests.success() {
+        return Ok(crate::exit_code(tests));
+    }
+    // The whole suite (no filter) ends with a short run of every fuzz target: enough to
+    // replay the seeds and catch a parser that breaks on the obvious; `cargo xtask fuzz`
+    // runs longer.
+    if args.is_empty() {
+        crate::fuzz::run_targets(crate::fuzz::TARGETS, FUZZ_TIME_PER_TARGET)?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
+
+/// How long the test run fuzzes each target.
+const FUZZ_TIME_PER_TARGET: std::time::Duration = std::time::Duration::from_secs(20);

@@ -6,8 +6,12 @@
 use std::io::{self, Read};
 
 /// The snapshot length tcpdump uses for `-s 0`; a record may be as long as the larger of
-/// this and the file's own snapshot length.
+/// this and the file's own snapshot length, up to [`MAX_RECORD_CAP`].
 const MAX_RECORD: u32 = 262_144;
+/// However large a file says its snapshot length is (the header is the file's say, and
+/// `0xffffffff` is four bytes away), no record is taken longer than this: 64 times the
+/// largest frame any capture here writes.
+const MAX_RECORD_CAP: u32 = 16 * 1024 * 1024;
 
 /// Link-layer header types (<https://www.tcpdump.org/linktypes.html>) warren reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,7 +154,7 @@ impl<R: Read> PcapReader<R> {
             big_endian,
             nanoseconds,
             link_type,
-            max_record: snaplen.max(MAX_RECORD),
+            max_record: snaplen.clamp(MAX_RECORD, MAX_RECORD_CAP),
             offset: header.len() as u64,
             records: 0,
             buf: Vec::new(),
@@ -192,13 +196,17 @@ impl<R: Read> PcapReader<R> {
                 max: self.max_record,
             });
         }
-        self.buf.resize(len as usize, 0);
-        let got = read_full(&mut self.inner, &mut self.buf)?;
-        if got < self.buf.len() {
+        // Read what is there rather than allocate what the header claims: a record cut
+        // short costs the bytes it has, not its announced length.
+        self.buf.clear();
+        let got = (&mut self.inner)
+            .take(u64::from(len))
+            .read_to_end(&mut self.buf)?;
+        if got < len as usize {
             self.truncated_tail = Some(TruncatedTail {
                 record: number,
                 have: header.len() + got,
-                want: header.len() + self.buf.len(),
+                want: header.len() + len as usize,
             });
             return Ok(None);
         }
@@ -256,6 +264,53 @@ mod tests {
             out.push((record.timestamp_ns, record.data.to_vec()));
         }
         (out, reader.truncated_tail())
+    }
+
+    /// 40 bytes that claim a 4 GiB record (and a 4 GiB snapshot length to allow it): refused
+    /// by the cap, not allocated. A record claiming the cap's worth with 10 bytes present
+    /// is a truncated tail that cost 10 bytes.
+    #[test]
+    fn a_record_length_is_never_taken_on_the_files_word() {
+        let mut header = vec![0xd4, 0xc3, 0xb2, 0xa1, 2, 0, 4, 0];
+        header.extend([0; 8]); // thiszone, sigfigs
+        header.extend(u32::MAX.to_le_bytes()); // snaplen
+        header.extend(1u32.to_le_bytes()); // Ethernet
+        let record = |len: u32| {
+            let mut bytes = header.clone();
+            bytes.extend([0; 8]); // timestamp
+            bytes.extend(len.to_le_bytes()); // incl_len
+            bytes.extend(len.to_le_bytes()); // orig_len
+            bytes
+        };
+        let huge = record(u32::MAX);
+        assert_eq!(huge.len(), 40);
+        let mut reader = PcapReader::new(&huge[..]).unwrap();
+        assert!(matches!(
+            reader.next_record(),
+            Err(PcapError::RecordTooLong {
+                len: u32::MAX,
+                max: MAX_RECORD_CAP,
+                ..
+            })
+        ));
+
+        let mut short = record(MAX_RECORD_CAP);
+        short.extend([7; 10]);
+        let mut reader = PcapReader::new(&short[..]).unwrap();
+        assert!(reader.next_record().unwrap().is_none());
+        assert_eq!(
+            reader.truncated_tail(),
+            Some(TruncatedTail {
+                record: 1,
+                have: 16 + 10,
+                want: 16 + MAX_RECORD_CAP as usize
+            })
+        );
+        assert!(
+            reader.buf.capacity() < 1024 * 1024,
+            "{}",
+            reader.buf.capacity()
+        );
     }
 
     #[test]

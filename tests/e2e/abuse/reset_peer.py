@@ -54,7 +54,12 @@ def main():
         finish(sock, args)
     else:
         host, port = args.addr.rsplit(":", 1)
-        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=10)
+        try:
+            sock = socket.create_connection((host.strip("[]"), int(port)), timeout=10)
+        except ConnectionResetError:
+            # The server's reset can overtake the end of connect(): a reset all the same.
+            print(json.dumps({"end": "reset", "bytes": 0}), flush=True)
+            return 0
         finish(sock, args)
     return 0
 

@@ -148,7 +148,7 @@ fn parse_node(node: &str) -> Option<IpAddr> {
 
 /// The fields of a valid CONNECT request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct ParsedConnect {
+pub struct ParsedConnect {
     pub authority: SocketAddr,
     pub connection_id: Option<String>,
     pub forwarded_for: Option<IpAddr>,
@@ -157,7 +157,7 @@ pub(super) struct ParsedConnect {
 
 /// Checks a request the way ztunnel does: it must be a plain CONNECT (no `:scheme`, no
 /// `:path`) to an `ip:port` authority. The error is the reason sent back with a 400.
-pub(super) fn parse_connect(request: &Request<()>) -> Result<ParsedConnect, String> {
+pub fn parse_connect(request: &Request<()>) -> Result<ParsedConnect, String> {
     if request.method() != Method::CONNECT {
         return Err(format!(
             "method {} is not CONNECT; HBONE carries only CONNECT tunnels",

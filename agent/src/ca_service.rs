@@ -477,35 +477,38 @@ async fn publish_root(
         source,
     };
     let wanted = BTreeMap::from([(ca::ROOT_CERT_FILE.to_owned(), root_pem)]);
-    match configmaps
-        .get_opt(&args.root_configmap)
-        .await
-        .map_err(error)?
-    {
-        Some(existing) if existing.data.as_ref() == Some(&wanted) => Ok(()),
-        Some(mut existing) => {
-            existing.data = Some(wanted);
-            configmaps
-                .replace(&args.root_configmap, &PostParams::default(), &existing)
-                .await
-                .map_err(error)?;
-            Ok(())
-        }
-        None => {
-            let configmap = ConfigMap {
-                metadata: ObjectMeta {
-                    name: Some(args.root_configmap.clone()),
-                    namespace: Some(args.secret_namespace.clone()),
-                    ..ObjectMeta::default()
-                },
-                data: Some(wanted),
-                ..ConfigMap::default()
-            };
-            configmaps
-                .create(&PostParams::default(), &configmap)
-                .await
-                .map_err(error)?;
-            Ok(())
+    loop {
+        let written = match configmaps
+            .get_opt(&args.root_configmap)
+            .await
+            .map_err(error)?
+        {
+            Some(existing) if existing.data.as_ref() == Some(&wanted) => return Ok(()),
+            Some(mut existing) => {
+                existing.data = Some(wanted.clone());
+                configmaps
+                    .replace(&args.root_configmap, &PostParams::default(), &existing)
+                    .await
+            }
+            None => {
+                let configmap = ConfigMap {
+                    metadata: ObjectMeta {
+                        name: Some(args.root_configmap.clone()),
+                        namespace: Some(args.secret_namespace.clone()),
+                        ..ObjectMeta::default()
+                    },
+                    data: Some(wanted.clone()),
+                    ..ConfigMap::default()
+                };
+                configmaps.create(&PostParams::default(), &configmap).await
+            }
+        };
+        match written {
+            Ok(_) => return Ok(()),
+            // Another replica wrote it meanwhile (created it, or changed it under this
+            // one's resourceVersion): look again.
+            Err(kube::Error::Api(status)) if status.code == 409 => continue,
+            Err(err) => return Err(error(err)),
         }
     }
 }

@@ -673,3 +673,86 @@ async fn a_connection_lives_at_most_its_age() {
         )
         .await;
 }
+
+/// Two replicas starting at once on a new cluster: both find no Secret, one creates
+/// it, the other loses the race (409 AlreadyExists) and uses the winner's CA; both
+/// publish the same root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_starting_at_once_share_one_ca() {
+    let api = TestApiServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let start = |replica: &str| {
+        let args = CaServeArgs {
+            work_dir: dir.path().join(replica),
+            ..default_args()
+        };
+        let client = kube::Client::try_from(kube::Config::new(api.url().parse().unwrap())).unwrap();
+        tokio::spawn(async move {
+            let ca = load_or_create(&client, &args).await.unwrap();
+            publish_root(&client, &args, &ca).await.unwrap();
+            ca.roots()
+        })
+    };
+    // Slow answers, so that both replicas' first reads are answered (no Secret) before
+    // either creates it.
+    api.set_delay(Duration::from_millis(300));
+    let (a, b) = tokio::join!(start("a"), start("b"));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a, b, "both replicas sign with the same root");
+    let creates = |plural: &str| {
+        let mut statuses: Vec<u16> = api
+            .requests()
+            .iter()
+            .filter(|r| r.method == "POST" && r.path.ends_with(plural))
+            .map(|r| r.status)
+            .collect();
+        statuses.sort();
+        statuses
+    };
+    assert_eq!(
+        creates("/secrets"),
+        [201, 409],
+        "the loser's create was refused"
+    );
+    let published = api
+        .get("v1", "ConfigMap", Some("warren-system"), "warren-ca-root")
+        .unwrap();
+    assert_eq!(
+        published["data"]["root-cert.pem"].as_str(),
+        Some(to_pem(&a[0]).as_str())
+    );
+}
+
+/// Two replicas publishing the root at once: the loser of the ConfigMap's creation
+/// (409) finds the winner's, the same, and carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_publish_the_root_at_once() {
+    let fixture = Fixture::start().await;
+    assert!(fixture
+        .api
+        .delete("v1", "ConfigMap", Some("warren-system"), "warren-ca-root"));
+    let client =
+        kube::Client::try_from(kube::Config::new(fixture.api.url().parse().unwrap())).unwrap();
+    // Slow answers: both replicas read (no ConfigMap) before either creates it.
+    fixture.api.set_delay(Duration::from_millis(300));
+    let ca = &fixture.service.ca;
+    let (a, b) = tokio::join!(
+        publish_root(&client, &fixture.args, ca),
+        publish_root(&client, &fixture.args, ca)
+    );
+    a.unwrap();
+    b.unwrap();
+    let mut creates: Vec<u16> = fixture
+        .api
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/configmaps"))
+        .map(|r| r.status)
+        .collect();
+    creates.sort();
+    assert_eq!(
+        creates,
+        [201, 201, 409],
+        "the first start's, then the race's"
+    );
+}

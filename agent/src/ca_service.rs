@@ -71,6 +71,9 @@ pub const CONNECTION_CLOSE_GRACE: Duration = Duration::from_secs(10);
 const MAX_STREAMS_PER_CONNECTION: u32 = 16;
 /// Largest header list accepted: a bearer token is a kilobyte or two.
 const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+/// Largest request body read: a CSR and its metadata are a kilobyte or two (an RSA-4096
+/// CSR in PEM under 2 KiB), far under gRPC's message limit.
+const MAX_REQUEST_BODY: usize = 64 * 1024;
 /// HTTP/2 flow-control windows (the protocol's default size): what a client can make
 /// the service buffer per stream and per connection before it reads.
 const FLOW_CONTROL_WINDOW: u32 = 65_535;
@@ -670,18 +673,18 @@ fn reset(stream: tokio::net::TcpStream) {
     drop(stream);
 }
 
-/// Read a request's body, at most a message's worth, within `timeout`.
+/// Read a request's body, at most [`MAX_REQUEST_BODY`], within `timeout`.
 async fn read_body<B>(body: B, timeout: Duration) -> Result<Bytes, Status>
 where
     B: hyper::body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let limited = http_body_util::Limited::new(body, grpc::MAX_MESSAGE + 5);
+    let limited = http_body_util::Limited::new(body, MAX_REQUEST_BODY);
     match tokio::time::timeout(timeout, limited.collect()).await {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(err)) => Err(Status::new(
             Code::InvalidArgument,
-            format!("cannot read the request: {err}"),
+            format!("cannot read the request (at most {MAX_REQUEST_BODY} bytes): {err}"),
         )),
         Err(_) => Err(Status::new(
             Code::DeadlineExceeded,

@@ -522,7 +522,7 @@ async fn read_body_waits_its_timeout_and_no_more() {
         Bytes::from_static(b"csr")
     );
 
-    let too_long = Full::new(Bytes::from(vec![0; grpc::MAX_MESSAGE + 6]));
+    let too_long = Full::new(Bytes::from(vec![0; MAX_REQUEST_BODY + 1]));
     let status = read_body(too_long, timeout).await.unwrap_err();
     assert_eq!(status.code, Code::InvalidArgument, "{}", status.message);
 }

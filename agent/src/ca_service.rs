@@ -161,6 +161,10 @@ pub struct CaServeArgs {
     /// Tokens remembered at most; the oldest are forgotten first.
     #[arg(long, env = "WARREN_CA_TOKEN_CACHE_SIZE", default_value_t = 4096)]
     pub token_cache_size: usize,
+    /// How long a call waits for the API server (its TokenReview, then its pod
+    /// lookups); then it is answered UNAVAILABLE and its slot freed.
+    #[arg(long, env = "WARREN_CA_API_SERVER_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub api_server_timeout: Duration,
 }
 
 /// How much a CA service gives any one caller, and all of them: see `CaServeArgs`.
@@ -170,6 +174,7 @@ pub struct Limits {
     pub max_connections: usize,
     pub max_connection_age: Duration,
     pub request_read_timeout: Duration,
+    pub api_server_timeout: Duration,
 }
 
 impl From<&CaServeArgs> for Limits {
@@ -179,6 +184,7 @@ impl From<&CaServeArgs> for Limits {
             max_connections: args.max_connections as usize,
             max_connection_age: args.max_connection_age,
             request_read_timeout: args.request_read_timeout,
+            api_server_timeout: args.api_server_timeout,
         }
     }
 }
@@ -351,10 +357,32 @@ impl CaService {
                 format!("the CA has {max} calls in flight, its most (--max-concurrent-requests); retry later"),
             ));
         };
-        let caller = self.authorizer.authenticate(token).await?;
+        let caller = self
+            .api_server_bounded(self.authorizer.authenticate(token))
+            .await?;
         let body = read_body(request.into_body(), self.limits.request_read_timeout).await?;
         let message: IstioCertificateRequest = grpc::unframe(body)?;
-        self.create_certificate(&caller, message).await
+        self.api_server_bounded(self.create_certificate(&caller, message))
+            .await
+    }
+
+    /// `work`, which waits for the API server, within `--api-server-timeout`.
+    async fn api_server_bounded<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let timeout = self.limits.api_server_timeout;
+        tokio::time::timeout(timeout, work)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Status::new(
+                    Code::Unavailable,
+                    format!(
+                        "the API server did not answer within {} (--api-server-timeout)",
+                        humantime::format_duration(timeout)
+                    ),
+                ))
+            })
     }
 
     /// Answer one CreateCertificate call of an authenticated caller.

@@ -83,6 +83,11 @@ impl Authorizer {
         self
     }
 
+    /// Whether no review is remembered (or none can be).
+    pub fn token_cache_is_empty(&self) -> bool {
+        self.token_cache.as_ref().is_none_or(TokenCache::is_empty)
+    }
+
     /// Whose token this is: the API server's answer, or its recent answer when cached.
     pub async fn authenticate(&self, token: &str) -> Result<Caller, Status> {
         match &self.token_cache {

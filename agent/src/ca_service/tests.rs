@@ -756,3 +756,26 @@ async fn two_replicas_publish_the_root_at_once() {
         "the first start's, then the race's"
     );
 }
+
+/// A call waits for the API server at most --api-server-timeout, then is answered
+/// UNAVAILABLE and frees its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_api_server_answers_unavailable_and_frees_the_slot() {
+    let fixture = Fixture::start_with(|args| {
+        args.api_server_timeout = Duration::from_millis(200);
+    })
+    .await;
+    fixture.api.set_delay(Duration::from_secs(3600));
+    let refused = fetch(&fixture.client("client"), &identity("demo", "client"))
+        .await
+        .unwrap_err();
+    assert!(
+        refused.contains("Unavailable") && refused.contains("--api-server-timeout"),
+        "{refused}"
+    );
+    assert_eq!(
+        fixture.service.requests.available_permits(),
+        fixture.service.limits.max_concurrent_requests
+    );
+    assert!(fixture.service.authorizer.token_cache_is_empty());
+}

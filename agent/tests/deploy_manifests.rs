@@ -17,6 +17,7 @@ use k8s_openapi::{
         core::v1::{
             ConfigMap, Container, Namespace, PodSpec, Service, ServiceAccount, Volume, VolumeMount,
         },
+        policy::v1::PodDisruptionBudget,
         rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, Subject},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
@@ -87,6 +88,7 @@ kinds!(
     DaemonSet,
     ConfigMap,
     CustomResourceDefinition,
+    PodDisruptionBudget,
 );
 
 /// Decode into `T`, serialize back, and fail if the typed object dropped a key of the
@@ -645,6 +647,9 @@ fn kustomization_lists_exactly_the_files_of_deploy() {
         namespaced.push((d, o.metadata.namespace.as_ref()));
     }
     for (d, o) in m.all::<ConfigMap>() {
+        namespaced.push((d, o.metadata.namespace.as_ref()));
+    }
+    for (d, o) in m.all::<PodDisruptionBudget>() {
         namespaced.push((d, o.metadata.namespace.as_ref()));
     }
     for (doc, ns) in namespaced {
@@ -1257,6 +1262,102 @@ fn ca_service_matches_the_ca_container_and_the_agents_ca_addr() {
         "deploy/{}: the CA serves readiness where its probe looks",
         ca_doc.file
     );
+}
+
+/// The CA runs two replicas (they share its Secret: the first to start creates it, the
+/// other reads it), and a PodDisruptionBudget selecting exactly its pods keeps one up
+/// through drains. Its limits are flags its parser takes.
+#[test]
+fn ca_has_two_replicas_and_a_disruption_budget() {
+    let m = load();
+    let (ca_doc, ca) = m.ca_deployment();
+    let spec = ca.spec.as_ref().expect("the CA Deployment has a spec");
+    assert_eq!(
+        spec.replicas,
+        Some(2),
+        "deploy/{}: the CA runs two replicas",
+        ca_doc.file
+    );
+    let pod_labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|meta| meta.labels.clone())
+        .unwrap_or_default();
+    let (pdb_doc, pdb) = m.one::<PodDisruptionBudget>("PodDisruptionBudget of the CA", |pdb| {
+        pdb.metadata.name.as_deref() == Some("warren-ca")
+    });
+    assert_eq!(
+        m.namespace_of(pdb.metadata.namespace.as_ref()),
+        m.namespace_of(ca.metadata.namespace.as_ref()),
+        "deploy/{}: the PodDisruptionBudget is in the CA's namespace",
+        pdb_doc.file
+    );
+    let pdb_spec = pdb
+        .spec
+        .as_ref()
+        .expect("the PodDisruptionBudget has a spec");
+    assert_eq!(
+        pdb_spec.min_available,
+        Some(IntOrString::Int(1)),
+        "deploy/{}: minAvailable",
+        pdb_doc.file
+    );
+    assert!(
+        pdb_spec.max_unavailable.is_none(),
+        "deploy/{}: minAvailable or maxUnavailable, not both",
+        pdb_doc.file
+    );
+    let selector = pdb_spec.selector.clone().unwrap_or_default();
+    assert!(
+        selector.match_expressions.is_none(),
+        "deploy/{}: the selector is matchLabels only",
+        pdb_doc.file
+    );
+    let match_labels = selector.match_labels.unwrap_or_default();
+    assert!(
+        !match_labels.is_empty() && match_labels.iter().all(|(k, v)| pod_labels.get(k) == Some(v)),
+        "deploy/{}: the PodDisruptionBudget's selector {match_labels:?} does not select the CA pods (labels {pod_labels:?} in deploy/{})",
+        pdb_doc.file,
+        ca_doc.file
+    );
+    // It selects the CA's pods only (the Deployment's own selector is the same labels).
+    let deployment_selector = spec.selector.match_labels.clone().unwrap_or_default();
+    assert_eq!(
+        match_labels, deployment_selector,
+        "deploy/{}: the PodDisruptionBudget selects what the Deployment selects",
+        pdb_doc.file
+    );
+    for (d, ds) in m.all::<DaemonSet>() {
+        let ds_labels = ds
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|meta| meta.labels.clone())
+            .unwrap_or_default();
+        assert!(
+            !match_labels
+                .iter()
+                .all(|(k, v)| ds_labels.get(k) == Some(v)),
+            "deploy/{}: the CA's PodDisruptionBudget also selects the agent pods of deploy/{}",
+            pdb_doc.file,
+            d.file
+        );
+    }
+
+    // The limits in the CA's args parse, and are the ones meant.
+    let ca_container = container(pod_spec_of_deploy(ca), "ca", &ca_doc.file);
+    let argv = std::iter::once("warren-ca-serve".to_owned())
+        .chain(ca_container.args.clone().unwrap_or_default());
+    let parsed = CaServe::try_parse_from(argv).unwrap_or_else(|e| {
+        panic!(
+            "deploy/{}: `warren ca serve` refuses its args:\n{}",
+            ca_doc.file,
+            e.render()
+        )
+    });
+    assert_eq!(parsed.args.max_concurrent_requests, 64);
+    assert_eq!(parsed.args.max_connections, 1024);
 }
 
 /// Every rule granted to a ServiceAccount by the bindings in deploy/.

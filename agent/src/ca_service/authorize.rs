@@ -8,7 +8,8 @@
 //!
 //! A token counts only if the TokenReview says it is for this CA's audience: both
 //! `authenticated` and `status.audiences` are checked, as Kubernetes asks of callers
-//! that set `spec.audiences`.
+//! that set `spec.audiences`. Successful reviews may be remembered briefly
+//! ([`TokenCache`]); the authorization below is decided at every call.
 //!
 //! The caller's node comes from the token (bound tokens carry
 //! `authentication.kubernetes.io/node-name`), else from its pod.
@@ -23,7 +24,10 @@ use kube::{
     Api, Client,
 };
 
-use super::grpc::{Code, Status};
+use super::{
+    grpc::{Code, Status},
+    token_cache::TokenCache,
+};
 use crate::identity::Identity;
 
 /// The `extra` keys of a bound service-account token's user info.
@@ -53,6 +57,8 @@ pub struct Authorizer {
     /// `namespace/service-account` of the node agents.
     trusted_agents: HashSet<String>,
     trust_domain: String,
+    /// Successful reviews, remembered briefly (none when not set).
+    token_cache: Option<TokenCache>,
 }
 
 impl Authorizer {
@@ -67,11 +73,31 @@ impl Authorizer {
             audiences,
             trusted_agents: trusted_agents.into_iter().collect(),
             trust_domain,
+            token_cache: None,
         }
     }
 
-    /// Ask the API server whose token this is.
+    /// Remember successful reviews in `cache` ([`TokenCache`]).
+    pub fn with_token_cache(mut self, cache: TokenCache) -> Self {
+        self.token_cache = Some(cache);
+        self
+    }
+
+    /// Whether no review is remembered (or none can be).
+    pub fn token_cache_is_empty(&self) -> bool {
+        self.token_cache.as_ref().is_none_or(TokenCache::is_empty)
+    }
+
+    /// Whose token this is: the API server's answer, or its recent answer when cached.
     pub async fn authenticate(&self, token: &str) -> Result<Caller, Status> {
+        match &self.token_cache {
+            Some(cache) => cache.get_or_review(token, || self.review(token)).await,
+            None => self.review(token).await,
+        }
+    }
+
+    /// Ask the API server whose token this is (a TokenReview).
+    async fn review(&self, token: &str) -> Result<Caller, Status> {
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.to_owned()),

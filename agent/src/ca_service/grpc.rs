@@ -59,7 +59,9 @@ impl IstioCertificateRequest {
 pub enum Code {
     Ok = 0,
     InvalidArgument = 3,
+    DeadlineExceeded = 4,
     PermissionDenied = 7,
+    ResourceExhausted = 8,
     Internal = 13,
     Unavailable = 14,
     Unauthenticated = 16,
@@ -70,7 +72,9 @@ impl Code {
         Some(match number {
             0 => Code::Ok,
             3 => Code::InvalidArgument,
+            4 => Code::DeadlineExceeded,
             7 => Code::PermissionDenied,
+            8 => Code::ResourceExhausted,
             13 => Code::Internal,
             14 => Code::Unavailable,
             16 => Code::Unauthenticated,

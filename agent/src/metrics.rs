@@ -83,8 +83,8 @@ impl End {
         let principal = principal.unwrap_or(UNKNOWN).to_owned();
         if let Some(w) = workload {
             return End {
-                // Local mode knows pods, not their owners: the pod is the workload.
-                workload: w.name.clone(),
+                // Istio's workload: the pod's owner (Deployment, …), else the pod.
+                workload: w.workload_name().to_owned(),
                 canonical_service: w.canonical_service(),
                 canonical_revision: w.canonical_revision(),
                 namespace: w.namespace.clone(),
@@ -561,6 +561,7 @@ mod tests {
             cgroup: None,
             in_mesh: true,
             foreign_hbone: false,
+            owner: None,
         })
     }
 
@@ -655,6 +656,7 @@ mod tests {
             cluster: Some("east".into()),
             namespace: Some("shop".into()),
             workload: Some("cart".into()),
+            workload_kind: Some("deployment".into()),
             service: Some("cart-svc".into()),
             revision: None,
         });
@@ -675,6 +677,33 @@ mod tests {
         let labels = TrafficLabels::of(&record);
         assert_eq!(labels.get("source_workload"), Some("client-7f9"));
         assert_eq!(labels.get("source_cluster"), Some("Kubernetes"));
+    }
+
+    #[test]
+    fn the_workload_label_is_the_owner_not_the_pod() {
+        let owned = |pod: &str| {
+            let mut w = (*workload("demo", pod, &[])).clone();
+            w.owner = Some(crate::workload::Owner {
+                kind: "Deployment".into(),
+                name: "server".into(),
+            });
+            Arc::new(w)
+        };
+        let labels = |pod: &str| {
+            let mut record = ConnectionRecord::new(
+                "id".into(),
+                Direction::Inbound,
+                "10.0.0.2:80".parse().unwrap(),
+            );
+            record.dst_workload = Some(owned(pod));
+            TrafficLabels::of(&record)
+        };
+        let before = labels("server-7f9c4d5b8-abcde");
+        assert_eq!(before.get("destination_workload"), Some("server"));
+        // No label names a canonical service: Istio falls back to the workload's name.
+        assert_eq!(before.get("destination_canonical_service"), Some("server"));
+        // A restarted pod of the same Deployment: the same series.
+        assert_eq!(labels("server-7f9c4d5b8-xyz12"), before);
     }
 
     #[test]

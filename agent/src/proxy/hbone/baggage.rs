@@ -12,6 +12,17 @@ use crate::workload::{Workload, CLUSTER_ID};
 
 pub const BAGGAGE_HEADER: &str = "baggage";
 
+/// The workload kinds of `k8s.<kind>.name` members, as ztunnel reads them.
+const WORKLOAD_KINDS: [&str; 7] = [
+    "deployment",
+    "statefulset",
+    "daemonset",
+    "replicaset",
+    "cronjob",
+    "job",
+    "pod",
+];
+
 /// Longest value taken from a peer; Kubernetes names and label values are shorter.
 const MAX_VALUE_LEN: usize = 253;
 
@@ -22,6 +33,8 @@ pub struct Baggage {
     pub namespace: Option<String>,
     /// The workload's name (`k8s.deployment.name`, `k8s.pod.name`, …).
     pub workload: Option<String>,
+    /// The workload's kind as the key spells it (`deployment`, `pod`, …).
+    pub workload_kind: Option<String>,
     /// Istio's canonical service (`service.name`).
     pub service: Option<String>,
     /// Istio's canonical revision (`service.version`).
@@ -29,13 +42,20 @@ pub struct Baggage {
 }
 
 impl Baggage {
-    /// What this agent says about one of its pods. Local mode knows pods, not their
-    /// owners, so the workload kind is `pod`.
+    /// What this agent says about one of its pods: its workload (owner) as ztunnel says
+    /// it, `k8s.<kind>.name=<name>` (a kind ztunnel does not read is sent as `pod`).
     pub fn of(workload: &Workload) -> Self {
+        let kind = workload.workload_kind().to_ascii_lowercase();
+        let kind = if WORKLOAD_KINDS.contains(&kind.as_str()) {
+            kind
+        } else {
+            "pod".to_owned()
+        };
         Baggage {
             cluster: Some(CLUSTER_ID.to_owned()),
             namespace: Some(workload.namespace.clone()),
-            workload: Some(workload.name.clone()),
+            workload: Some(workload.workload_name().to_owned()),
+            workload_kind: Some(kind),
             service: Some(workload.canonical_service()),
             revision: Some(workload.canonical_revision()),
         }
@@ -50,10 +70,17 @@ impl Baggage {
     /// plain token (possible only in a hand-written local config) is left out rather
     /// than sent in a form ztunnel would misread.
     pub fn header_value(&self) -> Option<HeaderValue> {
+        let workload_key = format!(
+            "k8s.{}.name",
+            self.workload_kind
+                .as_deref()
+                .filter(|k| WORKLOAD_KINDS.contains(k))
+                .unwrap_or("pod")
+        );
         let members: Vec<String> = [
             ("k8s.cluster.name", &self.cluster),
             ("k8s.namespace.name", &self.namespace),
-            ("k8s.pod.name", &self.workload),
+            (workload_key.as_str(), &self.workload),
             ("service.name", &self.service),
             ("service.version", &self.revision),
         ]
@@ -89,22 +116,24 @@ impl Baggage {
                 let value = value.split(';').next().unwrap_or_default().trim();
                 let value = (!value.is_empty() && value.len() <= MAX_VALUE_LEN && is_token(value))
                     .then(|| value.to_owned());
-                let slot = match key.trim() {
-                    "k8s.cluster.name" => &mut baggage.cluster,
-                    "k8s.namespace.name" => &mut baggage.namespace,
-                    "k8s.deployment.name"
-                    | "k8s.statefulset.name"
-                    | "k8s.daemonset.name"
-                    | "k8s.replicaset.name"
-                    | "k8s.cronjob.name"
-                    | "k8s.job.name"
-                    | "k8s.pod.name" => &mut baggage.workload,
-                    "service.name" => &mut baggage.service,
-                    "service.version" => &mut baggage.revision,
+                let key = key.trim();
+                let kind = key
+                    .strip_prefix("k8s.")
+                    .and_then(|k| k.strip_suffix(".name"))
+                    .filter(|k| WORKLOAD_KINDS.contains(k));
+                let slot = match (key, kind) {
+                    ("k8s.cluster.name", _) => &mut baggage.cluster,
+                    ("k8s.namespace.name", _) => &mut baggage.namespace,
+                    (_, Some(_)) => &mut baggage.workload,
+                    ("service.name", _) => &mut baggage.service,
+                    ("service.version", _) => &mut baggage.revision,
                     _ => continue,
                 };
                 if value.is_some() {
                     *slot = value;
+                    if let Some(kind) = kind {
+                        baggage.workload_kind = Some(kind.to_owned());
+                    }
                 }
             }
         }
@@ -148,6 +177,7 @@ mod tests {
                 cluster: Some("K1".into()),
                 namespace: Some("NS1".into()),
                 workload: Some("N1".into()),
+                workload_kind: Some("deployment".into()),
                 service: Some("N2".into()),
                 revision: Some("V1".into()),
             }
@@ -194,6 +224,7 @@ mod tests {
             cgroup: None,
             in_mesh: true,
             foreign_hbone: false,
+            owner: None,
         };
         let baggage = Baggage::of(&workload);
         let value = baggage.header_value().unwrap();
@@ -213,5 +244,38 @@ mod tests {
             "{value:?}"
         );
         assert_eq!(Baggage::default().header_value(), None);
+    }
+
+    #[test]
+    fn names_the_owner_as_ztunnel_does() {
+        let mut workload = Workload {
+            namespace: "demo".into(),
+            name: "server-7f9c4d5b8-abcde".into(),
+            service_account: "server".into(),
+            labels: BTreeMap::new(),
+            node: "n2".into(),
+            ips: vec![],
+            netns: "/run/netns/x".into(),
+            cgroup: None,
+            in_mesh: true,
+            foreign_hbone: false,
+            owner: Some(crate::workload::Owner {
+                kind: "Deployment".into(),
+                name: "server".into(),
+            }),
+        };
+        let value = Baggage::of(&workload).header_value().unwrap();
+        assert_eq!(
+            value,
+            "k8s.cluster.name=Kubernetes,k8s.namespace.name=demo,k8s.deployment.name=server,service.name=server,service.version=latest"
+        );
+        assert_eq!(parse(&[value.to_str().unwrap()]), Baggage::of(&workload));
+        // A kind ztunnel does not read is sent as a pod's.
+        workload.owner.as_mut().unwrap().kind = "Rollout".into();
+        let value = Baggage::of(&workload).header_value().unwrap();
+        assert!(
+            value.to_str().unwrap().contains(",k8s.pod.name=server,"),
+            "{value:?}"
+        );
     }
 }

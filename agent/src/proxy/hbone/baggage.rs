@@ -5,7 +5,11 @@
 //!
 //! A peer's baggage is what it *says* about itself, not what its certificate proves: it
 //! only fills metric labels of a peer this agent knows nothing else about (a pod behind
-//! a ztunnel node), never a policy decision — as in ztunnel.
+//! a ztunnel node), never a policy decision — as in ztunnel. Since a peer could say
+//! anything, a value is taken only in the shape Kubernetes gives it (a namespace is a
+//! DNS-1123 label, a workload name a DNS-1123 subdomain, the others label values, all of
+//! bounded length); the metrics cap how many sources baggage may name
+//! (`metrics::MetricLimits::baggage_sources`).
 use http::{header::GetAll, HeaderValue};
 
 use crate::workload::{Workload, CLUSTER_ID};
@@ -22,9 +26,6 @@ const WORKLOAD_KINDS: [&str; 7] = [
     "job",
     "pod",
 ];
-
-/// Longest value taken from a peer; Kubernetes names and label values are shorter.
-const MAX_VALUE_LEN: usize = 253;
 
 /// The workload metadata one `baggage` header carries.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -114,8 +115,6 @@ impl Baggage {
                     continue;
                 };
                 let value = value.split(';').next().unwrap_or_default().trim();
-                let value = (!value.is_empty() && value.len() <= MAX_VALUE_LEN && is_token(value))
-                    .then(|| value.to_owned());
                 let key = key.trim();
                 let kind = key
                     .strip_prefix("k8s.")
@@ -129,6 +128,21 @@ impl Baggage {
                     ("service.version", _) => &mut baggage.revision,
                     _ => continue,
                 };
+                let valid = match key {
+                    "k8s.namespace.name" => is_dns1123_label(value),
+                    "k8s.cluster.name" | "service.name" | "service.version" => {
+                        is_label_value(value)
+                    }
+                    _ => is_dns1123_subdomain(value),
+                };
+                if !valid {
+                    tracing::debug!(
+                        key,
+                        length = value.len(),
+                        "ignoring a baggage value that is not a Kubernetes name or label value"
+                    );
+                }
+                let value = valid.then(|| value.to_owned());
                 if value.is_some() {
                     *slot = value;
                     if let Some(kind) = kind {
@@ -139,6 +153,35 @@ impl Baggage {
         }
         baggage
     }
+}
+
+/// A DNS-1123 label (what a namespace is called): at most 63 lowercase letters, digits
+/// and `-`, starting and ending with a letter or digit.
+fn is_dns1123_label(value: &str) -> bool {
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let bytes = value.as_bytes();
+    (1..=63).contains(&bytes.len())
+        && bytes.iter().all(|&b| alnum(b) || b == b'-')
+        && alnum(bytes[0])
+        && alnum(bytes[bytes.len() - 1])
+}
+
+/// A DNS-1123 subdomain (what a Deployment or pod is called): DNS-1123 labels joined by
+/// dots, at most 253 characters.
+fn is_dns1123_subdomain(value: &str) -> bool {
+    value.len() <= 253 && value.split('.').all(is_dns1123_label)
+}
+
+/// A Kubernetes label value (an Istio canonical service or revision, a cluster name): at
+/// most 63 letters, digits, `-`, `_` and `.`, starting and ending with a letter or digit.
+fn is_label_value(value: &str) -> bool {
+    let bytes = value.as_bytes();
+    (1..=63).contains(&bytes.len())
+        && bytes
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes[bytes.len() - 1].is_ascii_alphanumeric()
 }
 
 /// Characters of Kubernetes names and label values (and a few more that baggage allows
@@ -168,15 +211,17 @@ mod tests {
 
     #[test]
     fn reads_what_ztunnel_sends() {
+        // ztunnel's own test values, in the shapes Kubernetes gives names (a namespace
+        // and a Deployment name are lowercase DNS names).
         let got = parse(&[
-            "k8s.cluster.name=K1,k8s.namespace.name=NS1,k8s.deployment.name=N1,service.name=N2,service.version=V1",
+            "k8s.cluster.name=K1,k8s.namespace.name=ns1,k8s.deployment.name=n1,service.name=N2,service.version=V1",
         ]);
         assert_eq!(
             got,
             Baggage {
                 cluster: Some("K1".into()),
-                namespace: Some("NS1".into()),
-                workload: Some("N1".into()),
+                namespace: Some("ns1".into()),
+                workload: Some("n1".into()),
                 workload_kind: Some("deployment".into()),
                 service: Some("N2".into()),
                 revision: Some("V1".into()),
@@ -186,8 +231,8 @@ mod tests {
         assert_eq!(
             parse(&[
                 "k8s.cluster.name=K1",
-                "k8s.namespace.name=NS1",
-                "k8s.deployment.name=N1",
+                "k8s.namespace.name=ns1",
+                "k8s.deployment.name=n1",
                 "service.name=N2",
                 "service.version=V1"
             ]),
@@ -202,6 +247,43 @@ mod tests {
         assert!(parse(&["nonsense", "=x", "other.key=1", ",,,"]).is_empty());
         assert!(parse(&["service.name=a b", "k8s.namespace.name=x\"y"]).is_empty());
         assert!(parse(&[&format!("service.name={}", "x".repeat(300))]).is_empty());
+        // Only what Kubernetes would call something: a peer cannot make up labels.
+        for refused in [
+            "k8s.namespace.name=Shop",                           // uppercase
+            "k8s.namespace.name=-shop",                          // not starting alphanumeric
+            "k8s.namespace.name=a.b",                            // a label, not a subdomain
+            &format!("k8s.namespace.name={}", "a".repeat(64)),   // too long
+            "k8s.deployment.name=cart/v1",                       // not a DNS name
+            "k8s.pod.name=cart..x",                              // empty DNS label
+            &format!("k8s.pod.name={}", "a.".repeat(127) + "a"), // 255 characters
+            "service.name=cart:v1",
+            "service.version=v1-",
+            &format!("service.version={}", "1".repeat(64)),
+            "k8s.cluster.name=east/1",
+            "service.name=%63art",
+        ] {
+            assert!(parse(&[refused]).is_empty(), "{refused}");
+        }
+        for (accepted, read) in [
+            ("k8s.namespace.name=shop-2", "shop-2"),
+            ("k8s.statefulset.name=db.shop-0", "db.shop-0"),
+            (
+                &*format!("k8s.pod.name={}", "a".repeat(63)),
+                &*"a".repeat(63),
+            ),
+            ("service.name=Cart_Svc.v1", "Cart_Svc.v1"),
+            ("k8s.cluster.name=Kubernetes", "Kubernetes"),
+        ] {
+            let got = parse(&[accepted]);
+            let value = [got.namespace, got.workload, got.service, got.cluster]
+                .into_iter()
+                .flatten()
+                .next();
+            assert_eq!(value.as_deref(), Some(read), "{accepted}");
+        }
+        // A refused value does not erase a good one said before.
+        let got = parse(&["service.name=cart", "service.name=CART!"]);
+        assert_eq!(got.service.as_deref(), Some("cart"));
         // W3C properties after `;` are not part of the value; spaces around are trimmed.
         let got = parse(&[" service.name = web ;prop=1 , service.version=v2;x"]);
         assert_eq!(got.service.as_deref(), Some("web"));

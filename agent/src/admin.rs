@@ -183,6 +183,7 @@ impl AdminState {
                     "namespace": w.namespace,
                     "name": w.name,
                     "service_account": w.service_account,
+                    "workload": {"kind": w.workload_kind(), "name": w.workload_name()},
                     "labels": w.labels,
                     "node": w.node,
                     "ips": w.ips,
@@ -459,6 +460,7 @@ mod tests {
             cgroup: None,
             in_mesh: true,
             foreign_hbone: false,
+            owner: None,
         }
     }
 

@@ -206,7 +206,7 @@ pub async fn run(config: Config, logs: Option<LogControl>) -> Result<(), AgentEr
     remove_iptables_rules(not_enrolled.into_iter());
 
     let pool = hbone::Pool::new(hbone::PoolConfig::default());
-    let metrics = Arc::new(Metrics::new(pool.clone())?);
+    let metrics = Arc::new(Metrics::with_limits(pool.clone(), config.metric_limits)?);
     metrics.set_redirect_mode(mechanism.as_str());
     metrics.watch_certificates(secrets.clone());
     tokio::spawn(metrics::serve(metrics_listener, metrics.clone()));

@@ -2,6 +2,7 @@
 //! into one [`Config`] that tests build directly.
 use std::{path::PathBuf, time::Duration};
 
+use crate::metrics::MetricLimits;
 use crate::proxy::limits::TunnelLimits;
 use crate::redirect::{iptables::BackendChoice, KernelFeature, RedirectMode};
 
@@ -213,6 +214,13 @@ pub struct AgentArgs {
     #[arg(long, env = "WARREN_MAX_TUNNEL_CONNECTIONS_PER_SOURCE", value_name = "N", default_value_t = TunnelLimits::default().connections_per_source as u32, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_tunnel_connections_per_source: u32,
 
+    /// Label sets the istio_tcp_* metric families may hold together (each a series of
+    /// each family); a connection that would make one more is counted in a folded label
+    /// set (labels unknown but reporter, protocol, outcome and security) and in
+    /// warren_metric_series_dropped_total.
+    #[arg(long, env = "WARREN_MAX_METRIC_SERIES", value_name = "N", default_value_t = MetricLimits::default().series as u32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_metric_series: u32,
+
     /// Diagnostic switch: report these kernel features as missing, to exercise fallbacks.
     #[arg(long, value_enum, value_delimiter = ',', hide = true)]
     pub probe_pretend_missing: Vec<KernelFeature>,
@@ -268,6 +276,7 @@ pub struct Config {
     pub probe_pretend_missing: Vec<KernelFeature>,
     pub tunnel_limits: TunnelLimits,
     pub idle_timeout: Duration,
+    pub metric_limits: MetricLimits,
 }
 
 /// Flags that parse but do not make a runnable agent.
@@ -330,6 +339,10 @@ impl TryFrom<AgentArgs> for Config {
             root_namespace: args.root_namespace,
             probe_pretend_missing: args.probe_pretend_missing,
             idle_timeout: args.idle_timeout,
+            metric_limits: MetricLimits {
+                series: args.max_metric_series as usize,
+                ..MetricLimits::default()
+            },
             tunnel_limits: TunnelLimits {
                 pending_handshakes_per_listener: args.max_pending_handshakes as usize,
                 pending_handshakes_per_source: args.max_pending_handshakes_per_source as usize,
@@ -402,5 +415,17 @@ mod tests {
                 .starts_with("--trust-domain-aliases: \"Old.Example\" is not a valid"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn max_metric_series_defaults_to_ten_thousand_label_sets() {
+        let limits = config(&[]).unwrap().metric_limits;
+        assert_eq!(limits, MetricLimits::default());
+        assert_eq!(limits.series, 10_000);
+        let limits = config(&["--max-metric-series", "500"])
+            .unwrap()
+            .metric_limits;
+        assert_eq!((limits.series, limits.baggage_sources), (500, 1_000));
+        assert!(Cli::try_parse_from(["warren", "agent", "--max-metric-series", "0"]).is_err());
     }
 }

@@ -6,19 +6,30 @@
 //!   `istio_tcp_received_bytes_total`. Each connection is reported by the agent it
 //!   crosses: `reporter="source"` on the client's node, `"destination"` on the server's.
 //!   Labels come from workloads (bounded by the pods), never from addresses or ports.
+//!   What bounds them whatever pods or peers are called or say ([`MetricLimits`]): a
+//!   workload is its owner (a Deployment's pods share their series across restarts); a
+//!   peer's `baggage` labels at most `baggage_sources` distinct sources, later ones are
+//!   `unknown` (`warren_metric_baggage_sources_folded_total`); and the families together
+//!   hold at most `series` label sets, a connection that would make another is counted in
+//!   the folded label set of its reporter, outcome and security, every other label
+//!   `unknown` (`warren_metric_series_dropped_total`).
 //! - warren's own: `warren_*` (enrolled pods, redirect mode, policy refusals, HBONE pool,
 //!   certificate expiry, TLS handshake errors by reason).
 use std::{
+    collections::HashSet,
     convert::Infallible,
+    hash::{BuildHasher as _, RandomState},
     net::SocketAddr,
-    sync::{Arc, OnceLock},
+    sync::{Arc, Mutex, OnceLock},
     time::UNIX_EPOCH,
 };
 
 use http_body_util::Full;
 use hyper::{body::Bytes, service::service_fn, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use prometheus::{Encoder as _, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder as _, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 use tokio::net::TcpListener;
 
 use crate::{
@@ -60,6 +71,86 @@ pub const TRAFFIC_LABELS: [&str; 23] = [
 
 /// Istio's value for a label nothing is known about.
 const UNKNOWN: &str = "unknown";
+
+/// The labels of [`TRAFFIC_LABELS`] that describe the source, in its order: what a peer's
+/// baggage may fill (all but `source_principal`, which its certificate proves).
+const BAGGAGE_SOURCE_LABELS: [usize; 7] = [1, 2, 3, 4, 6, 7, 8];
+
+/// The labels a folded label set keeps: `reporter`, `request_protocol`, `response_flags`
+/// and `connection_security_policy`, each of a handful of values.
+const FOLDED_KEEPS: [usize; 4] = [0, 20, 21, 22];
+
+/// How many label sets the Istio families may hold, and how many sources a peer's
+/// `baggage` may name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricLimits {
+    /// Label sets of the `istio_tcp_*` families together (each set is a series of each
+    /// of the four families); `--max-metric-series`.
+    pub series: usize,
+    /// Distinct source label sets learned from peers' `baggage`.
+    pub baggage_sources: usize,
+}
+
+impl Default for MetricLimits {
+    /// 10,000 label sets: a full node (110 pods, the kubelet's default) whose every pod
+    /// meets 45 peer workloads, as client or server, under two outcomes each (9,900);
+    /// about 40,000 series and 30 MB of page at the most. 1,000 baggage sources:
+    /// far more workloads behind ztunnel nodes than a node's pods talk to, 10% of the
+    /// series.
+    fn default() -> Self {
+        MetricLimits {
+            series: 10_000,
+            baggage_sources: 1_000,
+        }
+    }
+}
+
+/// The label sets and baggage sources admitted so far (counters never go away, so
+/// neither do these until the agent restarts).
+struct Admitted {
+    limits: MetricLimits,
+    /// Hashes of the admitted label sets, keyed per process so a peer cannot aim at
+    /// collisions.
+    series: Mutex<HashSet<u64>>,
+    hasher: RandomState,
+    baggage_sources: Mutex<HashSet<Vec<String>>>,
+}
+
+impl Admitted {
+    fn new(limits: MetricLimits) -> Self {
+        Admitted {
+            limits,
+            series: Mutex::default(),
+            hasher: RandomState::new(),
+            baggage_sources: Mutex::default(),
+        }
+    }
+
+    /// Whether `labels` may be a series: known already, or room for one more.
+    fn series(&self, labels: &TrafficLabels) -> bool {
+        let hash = self.hasher.hash_one(&labels.values);
+        let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        series.contains(&hash) || (series.len() < self.limits.series && series.insert(hash))
+    }
+
+    /// Whether the source labels of `labels` (learned from baggage) may be used.
+    fn baggage_source(&self, labels: &TrafficLabels) -> bool {
+        let key: Vec<String> = BAGGAGE_SOURCE_LABELS
+            .iter()
+            .map(|&i| labels.values[i].clone())
+            .collect();
+        let mut sources = self
+            .baggage_sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        sources.contains(&key)
+            || (sources.len() < self.limits.baggage_sources && sources.insert(key))
+    }
+
+    fn series_count(&self) -> usize {
+        self.series.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
 /// The label values of one connection, as Istio derives them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrafficLabels {
@@ -83,8 +174,8 @@ impl End {
         let principal = principal.unwrap_or(UNKNOWN).to_owned();
         if let Some(w) = workload {
             return End {
-                // Local mode knows pods, not their owners: the pod is the workload.
-                workload: w.name.clone(),
+                // Istio's workload: the pod's owner (Deployment, …), else the pod.
+                workload: w.workload_name().to_owned(),
                 canonical_service: w.canonical_service(),
                 canonical_revision: w.canonical_revision(),
                 namespace: w.namespace.clone(),
@@ -173,6 +264,27 @@ impl TrafficLabels {
         std::array::from_fn(|i| self.values[i].as_str())
     }
 
+    /// The same connection with every label `unknown` but those of [`FOLDED_KEEPS`]: what
+    /// a label set over the cap is counted as.
+    fn folded(&self) -> Self {
+        let values = std::array::from_fn(|i| {
+            if FOLDED_KEEPS.contains(&i) {
+                self.values[i].clone()
+            } else {
+                UNKNOWN.to_owned()
+            }
+        });
+        Self { values }
+    }
+
+    /// The same with the source's labels learned from baggage `unknown`.
+    fn without_baggage_source(mut self) -> Self {
+        for i in BAGGAGE_SOURCE_LABELS {
+            self.values[i] = UNKNOWN.to_owned();
+        }
+        self
+    }
+
     /// The value of one label (for tests and logs).
     pub fn get(&self, name: &str) -> Option<&str> {
         TRAFFIC_LABELS
@@ -209,6 +321,10 @@ pub struct Metrics {
     log_lines_dropped: IntCounterVec,
     certificate_expiry: IntGaugeVec,
     policy_errors: IntGaugeVec,
+    series: IntGauge,
+    series_dropped: IntCounter,
+    baggage_sources_folded: IntCounter,
+    admitted: Admitted,
     pool: hbone::Pool,
     /// Where certificate expiries are read at each scrape (set once the agent has one).
     secrets: OnceLock<Arc<SecretManager>>,
@@ -217,7 +333,12 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// The agent's metrics with the default [`MetricLimits`].
     pub fn new(pool: hbone::Pool) -> Result<Self, MetricsError> {
+        Self::with_limits(pool, MetricLimits::default())
+    }
+
+    pub fn with_limits(pool: hbone::Pool, limits: MetricLimits) -> Result<Self, MetricsError> {
         let registry = Registry::new();
         let traffic = |name: &str, help: &str| -> Result<IntCounterVec, MetricsError> {
             let family = IntCounterVec::new(Opts::new(name, help), &TRAFFIC_LABELS)?;
@@ -312,6 +433,21 @@ impl Metrics {
         registry.register(Box::new(policy_errors.clone()))?;
         registry.register(Box::new(enrolled_pods.clone()))?;
         registry.register(Box::new(pool_connections.clone()))?;
+        let series = IntGauge::new(
+            "warren_metric_series",
+            "Label sets of the istio_tcp_* families (each a series of each family), at most --max-metric-series.",
+        )?;
+        registry.register(Box::new(series.clone()))?;
+        let series_dropped = IntCounter::new(
+            "warren_metric_series_dropped_total",
+            "Connections opened or closed whose istio_tcp_* label set would have been one more than --max-metric-series allows: counted in the folded label set instead (every label unknown but reporter, request_protocol, response_flags and connection_security_policy).",
+        )?;
+        registry.register(Box::new(series_dropped.clone()))?;
+        let baggage_sources_folded = IntCounter::new(
+            "warren_metric_baggage_sources_folded_total",
+            "Connections opened or closed whose source labels, learned from a peer's baggage, would have named a source beyond the 1,000 this agent takes from baggage: labelled unknown instead.",
+        )?;
+        registry.register(Box::new(baggage_sources_folded.clone()))?;
         Ok(Self {
             registry,
             connections_opened,
@@ -327,6 +463,10 @@ impl Metrics {
             log_lines_dropped,
             certificate_expiry,
             policy_errors,
+            series,
+            series_dropped,
+            baggage_sources_folded,
+            admitted: Admitted::new(limits),
             pool,
             secrets: OnceLock::new(),
             policy: OnceLock::new(),
@@ -370,9 +510,25 @@ impl Metrics {
             .inc();
     }
 
+    /// The labels `record` is counted under: its own, within the limits.
+    fn bounded_labels(&self, record: &ConnectionRecord) -> TrafficLabels {
+        let mut labels = TrafficLabels::of(record);
+        let from_baggage = record.src_workload.is_none()
+            && record.src_baggage.as_ref().is_some_and(|b| !b.is_empty());
+        if from_baggage && !self.admitted.baggage_source(&labels) {
+            self.baggage_sources_folded.inc();
+            labels = labels.without_baggage_source();
+        }
+        if !self.admitted.series(&labels) {
+            self.series_dropped.inc();
+            labels = labels.folded();
+        }
+        labels
+    }
+
     /// A connection was opened (Istio counts it when its destination is decided).
     pub fn connection_opened(&self, record: &ConnectionRecord) {
-        let labels = TrafficLabels::of(record);
+        let labels = self.bounded_labels(record);
         self.connections_opened
             .with_label_values(&labels.values())
             .inc();
@@ -382,7 +538,7 @@ impl Metrics {
     /// add its bytes. Istio's direction names: `received` is what the client sent,
     /// `sent` what went back to it.
     pub fn connection_closed(&self, record: &ConnectionRecord) {
-        let labels = TrafficLabels::of(record);
+        let labels = self.bounded_labels(record);
         let values = labels.values();
         self.connections_closed.with_label_values(&values).inc();
         self.received_bytes
@@ -406,6 +562,7 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         self.pool_connections.set(self.pool.connections() as i64);
+        self.series.set(self.admitted.series_count() as i64);
         if let Some(secrets) = self.secrets.get() {
             // Forgotten identities disappear from the page.
             self.certificate_expiry.reset();
@@ -561,6 +718,7 @@ mod tests {
             cgroup: None,
             in_mesh: true,
             foreign_hbone: false,
+            owner: None,
         })
     }
 
@@ -655,6 +813,7 @@ mod tests {
             cluster: Some("east".into()),
             namespace: Some("shop".into()),
             workload: Some("cart".into()),
+            workload_kind: Some("deployment".into()),
             service: Some("cart-svc".into()),
             revision: None,
         });
@@ -675,6 +834,33 @@ mod tests {
         let labels = TrafficLabels::of(&record);
         assert_eq!(labels.get("source_workload"), Some("client-7f9"));
         assert_eq!(labels.get("source_cluster"), Some("Kubernetes"));
+    }
+
+    #[test]
+    fn the_workload_label_is_the_owner_not_the_pod() {
+        let owned = |pod: &str| {
+            let mut w = (*workload("demo", pod, &[])).clone();
+            w.owner = Some(crate::workload::Owner {
+                kind: "Deployment".into(),
+                name: "server".into(),
+            });
+            Arc::new(w)
+        };
+        let labels = |pod: &str| {
+            let mut record = ConnectionRecord::new(
+                "id".into(),
+                Direction::Inbound,
+                "10.0.0.2:80".parse().unwrap(),
+            );
+            record.dst_workload = Some(owned(pod));
+            TrafficLabels::of(&record)
+        };
+        let before = labels("server-7f9c4d5b8-abcde");
+        assert_eq!(before.get("destination_workload"), Some("server"));
+        // No label names a canonical service: Istio falls back to the workload's name.
+        assert_eq!(before.get("destination_canonical_service"), Some("server"));
+        // A restarted pod of the same Deployment: the same series.
+        assert_eq!(labels("server-7f9c4d5b8-xyz12"), before);
     }
 
     #[test]
@@ -704,6 +890,152 @@ mod tests {
         assert_eq!(line("istio_tcp_connections_closed_total{"), "1");
         assert_eq!(line("istio_tcp_received_bytes_total{"), "100");
         assert_eq!(line("istio_tcp_sent_bytes_total{"), "7");
+    }
+
+    /// The value of the sample of `page` whose line starts with `prefix` and contains
+    /// every one of `labels` (`name="value"`), 0 if none.
+    fn sample(page: &str, prefix: &str, labels: &[&str]) -> u64 {
+        page.lines()
+            .filter(|l| l.starts_with(prefix) && labels.iter().all(|label| l.contains(label)))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    }
+
+    fn inbound_from(source: &str, baggage: Option<Baggage>) -> ConnectionRecord {
+        let mut record = ConnectionRecord::new(
+            "id".into(),
+            Direction::Inbound,
+            "10.0.0.2:80".parse().unwrap(),
+        );
+        record.security = Security::MutualTls;
+        record.dst_workload = Some(workload("demo", "server", &[]));
+        record.src_identity = Some(format!("spiffe://cluster.local/ns/shop/sa/{source}"));
+        record.src_baggage = baggage;
+        record
+    }
+
+    fn said_by(workload: &str) -> Baggage {
+        Baggage {
+            namespace: Some("shop".into()),
+            workload: Some(workload.into()),
+            workload_kind: Some("deployment".into()),
+            ..Baggage::default()
+        }
+    }
+
+    #[test]
+    fn baggage_names_a_bounded_number_of_sources() {
+        let limits = MetricLimits {
+            series: 100,
+            baggage_sources: 2,
+        };
+        let pool = hbone::Pool::new(hbone::PoolConfig::default());
+        let metrics = Metrics::with_limits(pool, limits).unwrap();
+        for name in ["a", "b", "a", "c", "d", "b"] {
+            let mut record = inbound_from("one", Some(said_by(name)));
+            record.opened(&metrics);
+            record.emit(&metrics);
+        }
+        let page = metrics.render();
+        let opened = |labels: &[&str]| sample(&page, "istio_tcp_connections_opened_total{", labels);
+        assert_eq!(opened(&["source_workload=\"a\""]), 2, "{page}");
+        assert_eq!(opened(&["source_workload=\"b\""]), 2, "{page}");
+        // c and d came after two sources were known: unknown, but still counted, with
+        // what the certificate proved and what this agent knows.
+        let folded = [
+            "source_workload=\"unknown\"",
+            "source_workload_namespace=\"unknown\"",
+            "source_principal=\"spiffe://cluster.local/ns/shop/sa/one\"",
+            "destination_workload=\"server\"",
+        ];
+        assert_eq!(opened(&folded), 2, "{page}");
+        // Each folded opening and closing is counted.
+        assert_eq!(
+            sample(&page, "warren_metric_baggage_sources_folded_total", &[]),
+            4,
+            "{page}"
+        );
+        assert_eq!(sample(&page, "warren_metric_series_dropped_total", &[]), 0);
+
+        // A source this agent knows is not learned from baggage, and takes no room.
+        let mut known = inbound_from("one", Some(said_by("e")));
+        known.src_workload = Some(workload("demo", "client", &[]));
+        known.opened(&metrics);
+        let page = metrics.render();
+        assert_eq!(
+            sample(
+                &page,
+                "istio_tcp_connections_opened_total{",
+                &["source_workload=\"client\""]
+            ),
+            1
+        );
+        assert_eq!(
+            sample(&page, "warren_metric_baggage_sources_folded_total", &[]),
+            4
+        );
+    }
+
+    #[test]
+    fn label_sets_over_the_cap_are_folded_and_counted() {
+        let limits = MetricLimits {
+            series: 3,
+            baggage_sources: 100,
+        };
+        let pool = hbone::Pool::new(hbone::PoolConfig::default());
+        let metrics = Metrics::with_limits(pool, limits).unwrap();
+        for source in ["a", "b", "c", "d", "e", "a"] {
+            let mut record = inbound_from(source, None);
+            record.opened(&metrics);
+            record.bytes_sent = 10;
+            record.emit(&metrics);
+        }
+        let mut refused = inbound_from("f", None);
+        refused.response_flags = crate::proxy::access_log::ResponseFlags::Deny;
+        refused.opened(&metrics);
+        refused.emit(&metrics);
+        let page = metrics.render();
+        let families = [
+            "istio_tcp_connections_opened_total{",
+            "istio_tcp_connections_closed_total{",
+            "istio_tcp_received_bytes_total{",
+            "istio_tcp_sent_bytes_total{",
+        ];
+        // Each family: the three admitted label sets and the folded ones, no more.
+        for family in families {
+            let series = page.lines().filter(|l| l.starts_with(family)).count();
+            assert_eq!(series, 3 + 2, "{family}: {page}");
+        }
+        assert!(page.contains("warren_metric_series 3\n"), "{page}");
+        let principal =
+            |p: &str| format!("source_principal=\"spiffe://cluster.local/ns/shop/sa/{p}\"");
+        let opened = |labels: &[&str]| sample(&page, "istio_tcp_connections_opened_total{", labels);
+        assert_eq!(opened(&[&principal("a")]), 2);
+        assert_eq!(opened(&[&principal("d")]), 0);
+        // Every connection is still counted: d and e in the folded set, which keeps the
+        // reporter, the protocol, the outcome and the security; f's refusal in its own.
+        let folded = [
+            "source_principal=\"unknown\"",
+            "destination_workload=\"unknown\"",
+            "reporter=\"destination\"",
+            "connection_security_policy=\"mutual_tls\"",
+        ];
+        assert_eq!(
+            opened(&[&folded[..], &["response_flags=\"-\""]].concat()),
+            2
+        );
+        assert_eq!(
+            opened(&[&folded[..], &["response_flags=\"DENY\""]].concat()),
+            1
+        );
+        assert_eq!(opened(&[]), 7);
+        assert_eq!(sample(&page, "istio_tcp_received_bytes_total{", &[]), 60);
+        // d, e and f, opened and closed.
+        assert_eq!(
+            sample(&page, "warren_metric_series_dropped_total", &[]),
+            6,
+            "{page}"
+        );
     }
 
     async fn get(addr: SocketAddr, path: &str) -> String {

@@ -37,9 +37,33 @@ pub struct Workload {
     /// tunnelled to its port 15008 and its identity checked, but no agent of ours
     /// captures it (`node` and `netns` are empty).
     pub foreign_hbone: bool,
+    /// The pod's owner as Istio names it (a Deployment, StatefulSet, …): the workload of
+    /// metric labels and baggage. `None`: the pod is its own workload (a bare pod, or
+    /// local mode without `owner`).
+    pub owner: Option<Owner>,
+}
+
+/// The workload a pod belongs to, as Istio derives it (`kube.GetWorkloadMetaFromPod`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    /// `Deployment`, `StatefulSet`, `DaemonSet`, `Job`, `CronJob`, `ReplicaSet`, … as
+    /// Kubernetes spells kinds.
+    pub kind: String,
+    pub name: String,
 }
 
 impl Workload {
+    /// Istio's workload name (`*_workload` metric labels): the owner's, else the pod's.
+    /// It survives pod restarts, so a Deployment's pods share their series.
+    pub fn workload_name(&self) -> &str {
+        self.owner.as_ref().map_or(&self.name, |o| &o.name)
+    }
+
+    /// The kind of [`Self::workload_name`]: the owner's, else `Pod`.
+    pub fn workload_kind(&self) -> &str {
+        self.owner.as_ref().map_or("Pod", |o| &o.kind)
+    }
+
     /// The pod's SPIFFE identity: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
     pub fn identity(&self, trust_domain: &str) -> Result<Identity, IdentityError> {
         Identity::new(
@@ -50,14 +74,14 @@ impl Workload {
     }
 
     /// Istio's canonical service: its own label first, then the Kubernetes recommended
-    /// one, then `app`, else the workload's name.
+    /// one, then `app`, else the workload's name (the owner's, as Istio).
     pub fn canonical_service(&self) -> String {
         self.label(&[
             "service.istio.io/canonical-name",
             "app.kubernetes.io/name",
             "app",
         ])
-        .unwrap_or_else(|| self.name.clone())
+        .unwrap_or_else(|| self.workload_name().to_owned())
     }
 
     /// Istio's canonical revision, found the same way, else `latest`.

@@ -152,6 +152,24 @@ fn istio_tcp_metrics(lab: &Lab) -> Result<()> {
             "{node} should report warren_redirect_mode{{mode=\"{mode}\"}} 1"
         );
     }
+    // The series caps: label sets in use are counted, and these connections are far
+    // from the caps (nothing folded).
+    for node in ["n1", "n2"] {
+        let series = after.value(node, "warren_metric_series", &[]);
+        let dropped = after.delta(&before, node, "warren_metric_series_dropped_total", &[]);
+        let folded = after.delta(
+            &before,
+            node,
+            "warren_metric_baggage_sources_folded_total",
+            &[],
+        );
+        ensure!(
+            series >= 1.0 && dropped == 0.0 && folded == 0.0,
+            "{node}: warren_metric_series {series} (expected at least 1), \
+             warren_metric_series_dropped_total +{dropped} and \
+             warren_metric_baggage_sources_folded_total +{folded} (expected +0)"
+        );
+    }
     Ok(())
 }
 

@@ -7,6 +7,8 @@
 //!   namespace: demo
 //!   serviceAccount: client
 //!   labels: {app: client}          # optional; what policy selectors match
+//!   owner: {kind: Deployment, name: client}  # optional; Istio's workload (the `*_workload`
+//!                                  # metric labels, baggage), else the pod itself
 //!   node: n1
 //!   ips: ["10.77.1.10", "fd00:77:1::10"]
 //!   netns: /run/netns/warren-n1-demo-client
@@ -31,7 +33,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::workload::{Endpoint, Service, Workload, WorkloadIndex};
+use crate::workload::{Endpoint, Owner, Service, Workload, WorkloadIndex};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LocalConfigError {
@@ -100,6 +102,17 @@ struct WorkloadSpec {
     /// but on no node of ours.
     #[serde(default)]
     foreign_hbone: bool,
+    /// The workload the pod belongs to (Istio's `*_workload`): what a Deployment,
+    /// StatefulSet, … is called, the same for all its pods and across their restarts.
+    #[serde(default)]
+    owner: Option<OwnerSpec>,
+}
+
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct OwnerSpec {
+    kind: String,
+    name: String,
 }
 
 fn default_service_account() -> String {
@@ -233,6 +246,14 @@ impl LocalConfig {
                     return Err(invalid(format!("workload {id:?} has an empty `{field}`")));
                 }
             }
+            if let Some(owner) = &spec.owner {
+                if owner.kind.trim().is_empty() || owner.name.trim().is_empty() {
+                    return Err(invalid(format!(
+                        "workload {id} has an `owner` without a `kind` or `name` (e.g. {{kind: Deployment, name: {}}})",
+                        spec.name
+                    )));
+                }
+            }
             if !names.insert(id.clone()) {
                 return Err(invalid(format!("workload {id} is listed twice")));
             }
@@ -254,6 +275,10 @@ impl LocalConfig {
                 ips: spec.ips.into_iter().map(|ip| ip.to_canonical()).collect(),
                 netns,
                 cgroup: spec.cgroup,
+                owner: spec.owner.map(|o| Owner {
+                    kind: o.kind,
+                    name: o.name,
+                }),
             }));
         }
         let services = file
@@ -378,6 +403,36 @@ workloads:
             .unwrap_err()
             .to_string();
         assert!(err.contains("labels"), "{err}");
+    }
+
+    #[test]
+    fn the_owner_is_the_workload_else_the_pod() {
+        let text = SAMPLE.replace(
+            "  serviceAccount: client\n",
+            "  serviceAccount: client\n  owner: {kind: Deployment, name: client-app}\n",
+        );
+        let config = parse(&text).unwrap();
+        let client = &config.workloads[0];
+        assert_eq!(client.name, "client");
+        assert_eq!(
+            (client.workload_kind(), client.workload_name()),
+            ("Deployment", "client-app")
+        );
+        let server = &config.workloads[1];
+        assert_eq!(
+            (server.workload_kind(), server.workload_name()),
+            ("Pod", "server")
+        );
+        // Without a label naming it, the canonical service is the workload's name.
+        assert_eq!(server.canonical_service(), "server");
+        let err = parse(&text.replace("name: client-app", "name: \"\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`owner` without a `kind` or `name`"), "{err}");
+        let err = parse(&text.replace("kind: Deployment, ", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("kind"), "{err}");
     }
 
     #[test]

@@ -332,6 +332,7 @@ mod tests {
             cgroup: None,
             in_mesh: true,
             foreign_hbone: false,
+            owner: None,
         })
     }
 

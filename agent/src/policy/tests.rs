@@ -37,6 +37,7 @@ fn workload(id: &str, labels: &[(&str, &str)]) -> Workload {
         cgroup: None,
         in_mesh: true,
         foreign_hbone: false,
+        owner: None,
     }
 }
 

@@ -141,6 +141,7 @@ mod tests {
             cgroup: None,
             in_mesh: true,
             foreign_hbone: false,
+            owner: None,
         }
     }
 

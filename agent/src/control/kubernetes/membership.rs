@@ -15,7 +15,7 @@ use std::{collections::HashSet, net::IpAddr, path::PathBuf, sync::Arc};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
-use crate::workload::Workload;
+use crate::workload::{Owner, Workload};
 
 /// Namespace label that enrolls a namespace.
 pub const MESH_LABEL: &str = "warren.dev/mesh";
@@ -29,6 +29,8 @@ pub const ISTIO_DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 const ISTIO_SIDECAR_STATUS: &str = "sidecar.istio.io/status";
 /// Set by istio-cni on pods whose traffic it redirected to a ztunnel.
 const ISTIO_AMBIENT_REDIRECTION: &str = "ambient.istio.io/redirection";
+/// Istio's pod label that names the pod's workload outright.
+const ISTIO_WORKLOAD_NAME: &str = "service.istio.io/workload-name";
 
 /// Whether a namespace's labels enroll it.
 pub fn namespace_enrolled(namespace: &Namespace) -> bool {
@@ -96,7 +98,83 @@ pub fn workload(pod: &Pod, enrolled: &HashSet<String>) -> Option<Workload> {
         cgroup: None,
         in_mesh,
         foreign_hbone: foreign_hbone && !opted_out,
+        owner: owner(pod),
     })
+}
+
+/// The workload `pod` belongs to, as Istio names it (`kube.GetWorkloadMetaFromPod`), or
+/// `None` when the pod is its own workload. Only a pod whose name was generated
+/// (`metadata.generateName`) is looked into: its controlling owner reference names the
+/// workload — a ReplicaSet `name-<pod-template-hash>` is Deployment `name` (likewise an
+/// Argo Rollout's), a Job `name-<8 to 10 digits>` is CronJob `name`, an OpenShift
+/// ReplicationController is its `deploymentconfig` label; StatefulSet, DaemonSet, Job and
+/// any other kind as named. The label `service.istio.io/workload-name` overrides the name.
+pub fn owner(pod: &Pod) -> Option<Owner> {
+    let meta = &pod.metadata;
+    let label = |key: &str| {
+        meta.labels
+            .as_ref()
+            .and_then(|l| l.get(key))
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    };
+    let generated = meta.generate_name.as_deref().is_some_and(|g| !g.is_empty());
+    let controller = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|r| r.controller == Some(true) && !r.name.is_empty())
+        .filter(|_| generated);
+    let mut owner = controller.map(|r| {
+        let trimmed = |hash_label: &str| {
+            let hash = label(hash_label)?;
+            r.name.ends_with(hash).then(|| {
+                r.name
+                    .strip_suffix(&format!("-{hash}"))
+                    .unwrap_or(&r.name)
+                    .to_owned()
+            })
+        };
+        let (kind, name) = match r.kind.as_str() {
+            "ReplicaSet" => {
+                if let Some(name) = trimmed("pod-template-hash") {
+                    ("Deployment", name)
+                } else if let Some(name) = trimmed("rollouts-pod-template-hash") {
+                    ("Rollout", name)
+                } else {
+                    ("ReplicaSet", r.name.clone())
+                }
+            }
+            "ReplicationController" if label("deploymentconfig").is_some() => (
+                "DeploymentConfig",
+                label("deploymentconfig").unwrap_or_default().to_owned(),
+            ),
+            "Job" => match cron_job_name(&r.name) {
+                Some(name) => ("CronJob", name.to_owned()),
+                None => ("Job", r.name.clone()),
+            },
+            kind => (kind, r.name.clone()),
+        };
+        Owner {
+            kind: kind.to_owned(),
+            name,
+        }
+    });
+    if let Some(name) = label(ISTIO_WORKLOAD_NAME) {
+        owner = Some(Owner {
+            kind: owner.map_or_else(|| "Pod".to_owned(), |o| o.kind),
+            name: name.to_owned(),
+        });
+    }
+    owner.filter(|o| !(o.kind == "Pod" && Some(&o.name) == meta.name.as_ref()))
+}
+
+/// The CronJob of a Job its controller named `<cronjob>-<8 to 10 digits>` (the scheduled
+/// time), as Istio tells them.
+fn cron_job_name(job: &str) -> Option<&str> {
+    let (name, stamp) = job.rsplit_once('-')?;
+    let digits = (8..=10).contains(&stamp.len()) && stamp.bytes().all(|b| b.is_ascii_digit());
+    (digits && !name.is_empty()).then_some(name)
 }
 
 /// `status.podIPs`, else `status.podIP`; unparsable entries are skipped.
@@ -287,6 +365,130 @@ mod tests {
         );
         let w = workload(&starting, &demo).expect("a scheduled pod without an address yet");
         assert!(w.ips.is_empty() && w.in_mesh);
+    }
+
+    #[test]
+    fn the_workload_is_the_owner_as_istio_names_it() {
+        let owned = |kind: &str, owner: &str, labels: serde_json::Value| {
+            serde_json::json!({"metadata": {
+                "generateName": "x-",
+                "labels": labels,
+                "ownerReferences": [
+                    {"apiVersion": "v1", "kind": "Other", "name": "not-the-controller", "uid": "0"},
+                    {"apiVersion": "apps/v1", "kind": kind, "name": owner, "uid": "1", "controller": true},
+                ],
+            }})
+        };
+        let hash = serde_json::json!({"pod-template-hash": "7f9c4d5b8"});
+        for (why, extra, kind, name) in [
+            (
+                "a Deployment's ReplicaSet, minus its hash",
+                owned("ReplicaSet", "server-7f9c4d5b8", hash.clone()),
+                "Deployment",
+                "server",
+            ),
+            (
+                "an Argo Rollout's ReplicaSet",
+                owned(
+                    "ReplicaSet",
+                    "web-6d8f",
+                    serde_json::json!({"rollouts-pod-template-hash": "6d8f"}),
+                ),
+                "Rollout",
+                "web",
+            ),
+            (
+                "a ReplicaSet of its own (no hash label)",
+                owned("ReplicaSet", "plain", serde_json::json!({})),
+                "ReplicaSet",
+                "plain",
+            ),
+            (
+                "a StatefulSet",
+                owned("StatefulSet", "db", serde_json::json!({})),
+                "StatefulSet",
+                "db",
+            ),
+            (
+                "a DaemonSet",
+                owned("DaemonSet", "agent", serde_json::json!({})),
+                "DaemonSet",
+                "agent",
+            ),
+            (
+                "a Job",
+                owned("Job", "migrate", serde_json::json!({})),
+                "Job",
+                "migrate",
+            ),
+            (
+                "a CronJob's Job",
+                owned("Job", "backup-28999320", serde_json::json!({})),
+                "CronJob",
+                "backup",
+            ),
+            (
+                "a Job whose suffix is not a schedule",
+                owned("Job", "backup-123", serde_json::json!({})),
+                "Job",
+                "backup-123",
+            ),
+            (
+                "an OpenShift DeploymentConfig",
+                owned(
+                    "ReplicationController",
+                    "shop-3",
+                    serde_json::json!({"deploymentconfig": "shop"}),
+                ),
+                "DeploymentConfig",
+                "shop",
+            ),
+            (
+                "Istio's label names it",
+                owned(
+                    "ReplicaSet",
+                    "server-7f9c4d5b8",
+                    serde_json::json!({"pod-template-hash": "7f9c4d5b8", ISTIO_WORKLOAD_NAME: "named"}),
+                ),
+                "Deployment",
+                "named",
+            ),
+            (
+                "Istio's label on a bare pod",
+                serde_json::json!({"metadata": {"labels": {ISTIO_WORKLOAD_NAME: "named"}}}),
+                "Pod",
+                "named",
+            ),
+        ] {
+            let w = workload(&pod("demo", "x-abcde", extra), &enrolled(&["demo"])).unwrap();
+            assert_eq!(
+                (w.workload_kind(), w.workload_name()),
+                (kind, name),
+                "{why}"
+            );
+            assert_eq!(w.name, "x-abcde", "{why}: the pod keeps its name");
+        }
+        for (why, extra) in [
+            ("a bare pod", serde_json::json!({})),
+            (
+                "an owner that is not the controller",
+                serde_json::json!({"metadata": {"generateName": "x-", "ownerReferences": [
+                    {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "rs-1", "uid": "1"}]}}),
+            ),
+            (
+                "a name not generated (as Istio, the owner is not looked at)",
+                serde_json::json!({"metadata": {"ownerReferences": [
+                    {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "db", "uid": "1", "controller": true}]}}),
+            ),
+        ] {
+            let w = workload(&pod("demo", "x-abcde", extra), &enrolled(&["demo"])).unwrap();
+            assert_eq!(w.owner, None, "{why}");
+            assert_eq!(
+                (w.workload_kind(), w.workload_name()),
+                ("Pod", "x-abcde"),
+                "{why}"
+            );
+        }
     }
 
     #[test]

@@ -329,17 +329,8 @@ fn malformed_file_fails_closed_and_freezes_nothing(lab: &Lab) -> Result<()> {
     let broken = dir.path().join("e2e-broken.yaml");
     std::fs::write(&strict, STRICT)?;
     std::fs::write(&broken, BROKEN_FOR_SERVER)?;
-    let reloaded_everywhere = |change: &dyn Fn() -> Result<std::path::PathBuf>| -> Result<()> {
-        let offsets = [
-            ("n1", lab.agent_log_len("n1")),
-            ("n2", lab.agent_log_len("n2")),
-        ];
-        change()?;
-        for (node, offset) in offsets {
-            wait_for_log(lab, node, offset, "policy reloaded")?;
-        }
-        Ok(())
-    };
+    let reloaded_everywhere =
+        |change: &dyn Fn() -> Result<std::path::PathBuf>| reloaded(lab, change);
     reloaded_everywhere(&|| lab.apply_policy(&strict))?;
     let n2 = lab.agent_log_len("n2");
     // `lab apply` refuses it, as `kubectl apply` would; placed by a tool that does not
@@ -461,20 +452,22 @@ pub(crate) fn with_policies(
     let dir = tempfile::tempdir()?;
     let file = dir.path().join(format!("e2e-{name}.yaml"));
     std::fs::write(&file, yaml)?;
-    let reloaded = |change: &dyn Fn() -> Result<std::path::PathBuf>| -> Result<()> {
-        let offsets = [
-            ("n1", lab.agent_log_len("n1")),
-            ("n2", lab.agent_log_len("n2")),
-        ];
-        change()?;
-        for (node, offset) in offsets {
-            wait_for_log(lab, node, offset, "policy reloaded")?;
-        }
-        Ok(())
-    };
-    let result = reloaded(&|| lab.apply_policy(&file)).and_then(|()| body());
-    reloaded(&|| lab.delete_policy(&file)).context("removing the test's policy")?;
+    let result = reloaded(lab, &|| lab.apply_policy(&file)).and_then(|()| body());
+    reloaded(lab, &|| lab.delete_policy(&file)).context("removing the test's policy")?;
     result
+}
+
+/// Make a change to the policy directory and wait until both agents reloaded.
+fn reloaded(lab: &Lab, change: &dyn Fn() -> Result<std::path::PathBuf>) -> Result<()> {
+    let offsets = [
+        ("n1", lab.agent_log_len("n1")),
+        ("n2", lab.agent_log_len("n2")),
+    ];
+    change()?;
+    for (node, offset) in offsets {
+        wait_for_log(lab, node, offset, "policy reloaded")?;
+    }
+    Ok(())
 }
 
 /// Wait until `node`'s agent logged a line containing `needle` after `offset`.

@@ -298,6 +298,15 @@ mod tests {
         (client.unwrap(), accepted.unwrap().0)
     }
 
+    /// The access record a relay under test fills in.
+    fn test_record() -> ConnectionRecord {
+        ConnectionRecord::new(
+            "test".into(),
+            super::super::access_log::Direction::Inbound,
+            "127.0.0.1:1".parse().unwrap(),
+        )
+    }
+
     #[test]
     fn advance_drops_whole_and_partial_chunks() {
         let mut chunks: VecDeque<Bytes> = [&b"abc"[..], b"de", b"fgh"]
@@ -352,11 +361,7 @@ mod tests {
         let (mut client, mut a) = pair().await;
         let (mut b, mut server) = pair().await;
         let relay = tokio::spawn(async move {
-            let mut record = ConnectionRecord::new(
-                "test".into(),
-                super::super::access_log::Direction::Inbound,
-                "127.0.0.1:1".parse().unwrap(),
-            );
+            let mut record = test_record();
             relay(&mut a, &mut b, &mut record, Duration::from_secs(3600)).await;
             record
         });
@@ -382,11 +387,7 @@ mod tests {
         let (mut client, mut a) = pair().await;
         let (mut b, mut server) = pair().await;
         let relay = tokio::spawn(async move {
-            let mut record = ConnectionRecord::new(
-                "test".into(),
-                super::super::access_log::Direction::Inbound,
-                "127.0.0.1:1".parse().unwrap(),
-            );
+            let mut record = test_record();
             relay(&mut a, &mut b, &mut record, Duration::from_secs(60)).await;
             record
         });

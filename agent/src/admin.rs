@@ -21,12 +21,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
-use crate::{
-    identity::format_time,
-    policy::{PolicyKind, PolicySet},
-    proxy::ProxyContext,
-    workload::Workload,
-};
+use crate::{identity::format_time, policy::PolicySet, proxy::ProxyContext, workload::Workload};
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen for the {what} endpoint on {addr}: {source} (is another agent running in this netns? change {flag})")]
@@ -278,14 +273,7 @@ fn not_decoding<'a>(
         .map(|broken| {
             let mut affected: Vec<String> = workloads
                 .iter()
-                .filter(|w| {
-                    [
-                        PolicyKind::PeerAuthentication,
-                        PolicyKind::AuthorizationPolicy,
-                    ]
-                    .into_iter()
-                    .any(|kind| broken.may_apply(kind, root, w))
-                })
+                .filter(|w| broken.may_affect(root, w))
                 .map(|w| w.to_string())
                 .collect();
             affected.sort();

@@ -142,10 +142,8 @@ pub fn refused_by_policy(
 
 /// Close `stream` with a reset (RST), as a refused connection should be: the client sees
 /// "connection reset", not a clean end of stream.
-pub fn reset(stream: TcpStream) {
-    if let Err(err) = stream.set_zero_linger() {
-        tracing::debug!(error = %err, "cannot set SO_LINGER 0; the refused connection ends with FIN");
-    }
+pub fn reset(mut stream: TcpStream) {
+    relay::Duplex::abort(&mut stream);
     drop(stream);
 }
 

@@ -53,6 +53,24 @@ pub struct Owner {
 }
 
 impl Workload {
+    /// A pod of namespace `demo` in the mesh, its service account its name, for tests.
+    #[cfg(test)]
+    pub(crate) fn test_pod(name: &str, node: &str, ips: &[&str]) -> Arc<Workload> {
+        Arc::new(Workload {
+            namespace: "demo".into(),
+            name: name.into(),
+            service_account: name.into(),
+            labels: Default::default(),
+            node: node.into(),
+            ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+            netns: PathBuf::new(),
+            cgroup: None,
+            in_mesh: true,
+            foreign_hbone: false,
+            owner: None,
+        })
+    }
+
     /// Istio's workload name (`*_workload` metric labels): the owner's, else the pod's.
     /// It survives pod restarts, so a Deployment's pods share their series.
     pub fn workload_name(&self) -> &str {

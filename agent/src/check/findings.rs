@@ -199,14 +199,7 @@ fn not_decoding(config: &LocalConfig, policy: &PolicySet, findings: &mut Vec<Fin
             .workloads
             .iter()
             .filter(|w| w.in_mesh && !w.foreign_hbone)
-            .filter(|w| {
-                [
-                    PolicyKind::PeerAuthentication,
-                    PolicyKind::AuthorizationPolicy,
-                ]
-                .into_iter()
-                .any(|kind| broken.may_apply(kind, root, w))
-            })
+            .filter(|w| broken.may_affect(root, w))
             .map(|w| w.to_string())
             .collect();
         affected.sort();

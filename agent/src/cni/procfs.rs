@@ -237,19 +237,7 @@ mod tests {
     use super::*;
 
     fn pod(name: &str, ips: &[&str]) -> Arc<Workload> {
-        Arc::new(Workload {
-            namespace: "demo".into(),
-            name: name.into(),
-            service_account: name.into(),
-            labels: Default::default(),
-            node: "n1".into(),
-            ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
-            netns: PathBuf::new(),
-            cgroup: None,
-            in_mesh: true,
-            foreign_hbone: false,
-            owner: None,
-        })
+        Workload::test_pod(name, "n1", ips)
     }
 
     fn netns(path: &str, ips: &[&str]) -> NamespaceAddresses {

@@ -321,19 +321,7 @@ mod tests {
     use crate::policy::{PolicyConfig, PolicySet};
 
     fn workload(name: &str, node: &str, ips: &[&str]) -> Arc<Workload> {
-        Arc::new(Workload {
-            namespace: "demo".into(),
-            name: name.into(),
-            service_account: name.into(),
-            labels: Default::default(),
-            node: node.into(),
-            ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
-            netns: PathBuf::new(),
-            cgroup: None,
-            in_mesh: true,
-            foreign_hbone: false,
-            owner: None,
-        })
+        Workload::test_pod(name, node, ips)
     }
 
     #[test]

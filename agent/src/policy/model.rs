@@ -74,11 +74,15 @@ impl BrokenPolicy {
         root: &str,
         workload: &crate::workload::Workload,
     ) -> bool {
-        self.kind.is_none_or(|k| k == kind)
-            && self
-                .namespace
-                .as_deref()
-                .is_none_or(|ns| ns == workload.namespace || ns == root)
+        self.kind.is_none_or(|k| k == kind) && self.may_affect(root, workload)
+    }
+
+    /// Whether this document could apply to `workload` as either kind: the workloads it
+    /// closes, as `/config_dump` and `warren check` list them.
+    pub fn may_affect(&self, root: &str, workload: &crate::workload::Workload) -> bool {
+        self.namespace
+            .as_deref()
+            .is_none_or(|ns| ns == workload.namespace || ns == root)
             && self
                 .selector
                 .as_ref()

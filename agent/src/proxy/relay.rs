@@ -222,7 +222,7 @@ impl Duplex for TcpStream {
     /// of stream. (No `shutdown` here: that would send a FIN first.)
     fn abort(&mut self) {
         if let Err(err) = self.set_zero_linger() {
-            tracing::debug!(error = %err, "cannot set SO_LINGER 0; the aborted connection ends with FIN");
+            tracing::debug!(error = %err, "cannot set SO_LINGER 0; the connection ends with FIN, not a reset");
         }
     }
 }

@@ -29,7 +29,7 @@ use crate::{
     metrics::{self, Metrics},
     netns::{Netns, NetnsError},
     policy::{self, PolicyConfig, PolicyError, PolicyFiles, PolicySet, SharedPolicy},
-    proxy::{hbone, limits::TunnelAdmission, ProxyContext},
+    proxy::{accept::AcceptErrors, hbone, limits::ListenerAdmission, ProxyContext},
     redirect::{
         self,
         ebpf::{EbpfRedirect, PodRedirect},
@@ -227,7 +227,12 @@ pub async fn run(config: Config, logs: Option<LogControl>) -> Result<(), AgentEr
         pool,
         policy: shared_policy.clone(),
         node_ips: node_addresses(),
-        tunnel_admission: TunnelAdmission::new(config.tunnel_limits, metrics.clone()),
+        admission: ListenerAdmission::new(
+            config.tunnel_limits,
+            config.plaintext_limits,
+            metrics.clone(),
+        ),
+        accept_errors: AcceptErrors::new(metrics.clone()),
         idle_timeout: config.idle_timeout,
         metrics,
         refusals: Default::default(),

@@ -223,22 +223,25 @@ impl Enrollment {
         let c = ctx.clone();
         let outbound = tokio::spawn(proxy::accept_loop(
             outbound,
-            "outbound",
+            proxy::Listener::Outbound,
             pod.clone(),
+            ctx.accept_errors.clone(),
             move |s, p, pod| proxy::outbound::handle(c.clone(), s, p, pod),
         ));
         let c = ctx.clone();
         let inbound_plaintext = tokio::spawn(proxy::accept_loop(
             inbound_plaintext,
-            "inbound-plaintext",
+            proxy::Listener::Plaintext,
             pod.clone(),
+            ctx.accept_errors.clone(),
             move |s, p, pod| proxy::inbound_passthrough::handle(c.clone(), s, p, pod),
         ));
         let c = ctx.clone();
         let tunnel = tokio::spawn(proxy::accept_loop(
             tunnel,
-            "inbound-tunnel",
+            proxy::Listener::Tunnel,
             pod.clone(),
+            ctx.accept_errors.clone(),
             move |s, p, pod| proxy::inbound::handle(c.clone(), s, p, pod),
         ));
         self.served.insert(

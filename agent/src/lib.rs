@@ -13,6 +13,7 @@ pub mod control;
 pub mod enrollment;
 pub mod host_sockets;
 pub mod identity;
+pub mod log_limit;
 pub mod log_output;
 pub mod metrics;
 pub mod netns;

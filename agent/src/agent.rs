@@ -377,7 +377,7 @@ async fn start_cluster(
         .filter(|w| w.node == node && !w.ips.is_empty())
         .cloned()
         .collect();
-    source.find_running(&running);
+    source.find_running(&running).await;
     let local = source.node_config(&state);
     Ok(Start {
         workloads: source.servable(&local),

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod blocking;
 pub mod ca_service;
 pub mod check;
 pub mod cni;

@@ -29,7 +29,7 @@ use crate::{
     metrics::{self, Metrics},
     netns::{Netns, NetnsError},
     policy::{self, PolicyConfig, PolicyError, PolicyFiles, PolicySet, SharedPolicy},
-    proxy::{hbone, limits::TunnelAdmission, ProxyContext},
+    proxy::{accept::AcceptErrors, hbone, limits::ListenerAdmission, ProxyContext},
     redirect::{
         self,
         ebpf::{EbpfRedirect, PodRedirect},
@@ -227,7 +227,12 @@ pub async fn run(config: Config, logs: Option<LogControl>) -> Result<(), AgentEr
         pool,
         policy: shared_policy.clone(),
         node_ips: node_addresses(),
-        tunnel_admission: TunnelAdmission::new(config.tunnel_limits, metrics.clone()),
+        admission: ListenerAdmission::new(
+            config.tunnel_limits,
+            config.plaintext_limits,
+            metrics.clone(),
+        ),
+        accept_errors: AcceptErrors::new(metrics.clone()),
         idle_timeout: config.idle_timeout,
         metrics,
         refusals: Default::default(),
@@ -372,7 +377,7 @@ async fn start_cluster(
         .filter(|w| w.node == node && !w.ips.is_empty())
         .cloned()
         .collect();
-    source.find_running(&running);
+    source.find_running(&running).await;
     let local = source.node_config(&state);
     Ok(Start {
         workloads: source.servable(&local),

@@ -3,7 +3,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use crate::metrics::MetricLimits;
-use crate::proxy::limits::TunnelLimits;
+use crate::proxy::limits::{PlaintextLimits, TunnelLimits};
 use crate::redirect::{iptables::BackendChoice, KernelFeature, RedirectMode};
 
 /// Where warren pins its eBPF programs and maps (`<dir>/<node>`).
@@ -214,6 +214,14 @@ pub struct AgentArgs {
     #[arg(long, env = "WARREN_MAX_TUNNEL_CONNECTIONS_PER_SOURCE", value_name = "N", default_value_t = TunnelLimits::default().connections_per_source as u32, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_tunnel_connections_per_source: u32,
 
+    /// Plaintext connections open from one source address, over all the node's inbound
+    /// plaintext ports (15006); more are reset at accept and counted in
+    /// warren_listener_limit_refusals_total. The node's own connections (the kubelet's
+    /// probes) are not counted; traffic the node forwards (NodePort, hostPort) comes
+    /// from a node address and shares one budget.
+    #[arg(long, env = "WARREN_MAX_PLAINTEXT_CONNECTIONS_PER_SOURCE", value_name = "N", default_value_t = PlaintextLimits::default().connections_per_source as u32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_plaintext_connections_per_source: u32,
+
     /// Label sets the istio_tcp_* metric families may hold together (each a series of
     /// each family); a connection that would make one more is counted in a folded label
     /// set (labels unknown but reporter, protocol, outcome and security) and in
@@ -275,6 +283,7 @@ pub struct Config {
     pub root_namespace: String,
     pub probe_pretend_missing: Vec<KernelFeature>,
     pub tunnel_limits: TunnelLimits,
+    pub plaintext_limits: PlaintextLimits,
     pub idle_timeout: Duration,
     pub metric_limits: MetricLimits,
 }
@@ -347,6 +356,9 @@ impl TryFrom<AgentArgs> for Config {
                 pending_handshakes_per_listener: args.max_pending_handshakes as usize,
                 pending_handshakes_per_source: args.max_pending_handshakes_per_source as usize,
                 connections_per_source: args.max_tunnel_connections_per_source as usize,
+            },
+            plaintext_limits: PlaintextLimits {
+                connections_per_source: args.max_plaintext_connections_per_source as usize,
             },
         })
     }
@@ -427,5 +439,33 @@ mod tests {
             .metric_limits;
         assert_eq!((limits.series, limits.baggage_sources), (500, 1_000));
         assert!(Cli::try_parse_from(["warren", "agent", "--max-metric-series", "0"]).is_err());
+    }
+
+    #[test]
+    fn max_plaintext_connections_per_source_defaults_to_the_tunnels_budget() {
+        let config_ok = config(&[]).unwrap();
+        assert_eq!(config_ok.plaintext_limits, PlaintextLimits::default());
+        assert_eq!(config_ok.plaintext_limits.connections_per_source, 1024);
+        assert_eq!(
+            config_ok.plaintext_limits.connections_per_source,
+            config_ok.tunnel_limits.connections_per_source
+        );
+        let limits = config(&["--max-plaintext-connections-per-source", "64"])
+            .unwrap()
+            .plaintext_limits;
+        assert_eq!(limits.connections_per_source, 64);
+        let zero = Cli::try_parse_from([
+            "warren",
+            "--node",
+            "n1",
+            "--config",
+            "workloads.yaml",
+            "--ca-dir",
+            "/ca",
+            "--max-plaintext-connections-per-source",
+            "0",
+        ]);
+        let err = zero.err().expect("0 connections is refused");
+        assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{err}");
     }
 }

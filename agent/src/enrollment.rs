@@ -18,6 +18,7 @@ use warren_common::{INBOUND_PLAINTEXT_PORT, INBOUND_TUNNEL_PORT, OUTBOUND_PORT};
 use crate::{
     admin::Readiness,
     agent::AgentError,
+    blocking,
     control::local::LocalConfig,
     identity::SecretManager,
     netns::Netns,
@@ -115,32 +116,41 @@ pub enum Redirection {
 }
 
 impl Redirection {
-    /// Capture a prepared pod (its listeners already listen).
-    pub fn capture(&mut self, prepared: &PreparedPod) -> Result<(), RedirectError> {
-        let pod = &prepared.pod;
+    /// Capture a prepared pod (its listeners already listen); it is handed back once
+    /// captured (on error it is dropped: its listeners close). iptables' tools run on a
+    /// blocking thread ([`crate::blocking`]); eBPF's map updates take microseconds.
+    pub async fn capture(&mut self, prepared: PreparedPod) -> Result<PreparedPod, RedirectError> {
         match self {
-            Redirection::Ebpf(ebpf) => ebpf.enroll(&PodRedirect {
-                netns: &pod.netns,
-                netns_cookie: pod.netns_cookie,
-                ips: &pod.workload.ips,
-                inbound_listener: std::os::fd::AsRawFd::as_raw_fd(&prepared.inbound_plaintext),
-            })?,
+            Redirection::Ebpf(ebpf) => {
+                let pod = &prepared.pod;
+                ebpf.enroll(&PodRedirect {
+                    netns: &pod.netns,
+                    netns_cookie: pod.netns_cookie,
+                    ips: &pod.workload.ips,
+                    inbound_listener: std::os::fd::AsRawFd::as_raw_fd(&prepared.inbound_plaintext),
+                })?;
+                Ok(prepared)
+            }
             Redirection::Iptables(rules) => {
-                tokio::task::block_in_place(|| rules.enroll(&pod.netns))?
+                let rules = rules.clone();
+                let enrolled =
+                    blocking::run(move || rules.enroll(&prepared.pod.netns).map(|()| prepared))
+                        .await?;
+                Ok(enrolled)
             }
         }
-        Ok(())
     }
 
     /// Stop capturing `pod`: its new connections flow directly.
-    pub fn release(&mut self, pod: &Pod) -> Result<(), RedirectError> {
+    pub async fn release(&mut self, pod: &Arc<Pod>) -> Result<(), RedirectError> {
         match self {
             Redirection::Ebpf(ebpf) => {
                 let ips: Vec<_> = pod.workload.ips.iter().map(|&ip| ip.into()).collect();
                 ebpf.unenroll(pod.netns_cookie, &ips)?;
             }
             Redirection::Iptables(_) => {
-                tokio::task::block_in_place(|| iptables::remove(&pod.netns))?;
+                let pod = pod.clone();
+                blocking::run(move || iptables::remove(&pod.netns)).await?;
             }
         }
         Ok(())
@@ -223,22 +233,25 @@ impl Enrollment {
         let c = ctx.clone();
         let outbound = tokio::spawn(proxy::accept_loop(
             outbound,
-            "outbound",
+            proxy::Listener::Outbound,
             pod.clone(),
+            ctx.accept_errors.clone(),
             move |s, p, pod| proxy::outbound::handle(c.clone(), s, p, pod),
         ));
         let c = ctx.clone();
         let inbound_plaintext = tokio::spawn(proxy::accept_loop(
             inbound_plaintext,
-            "inbound-plaintext",
+            proxy::Listener::Plaintext,
             pod.clone(),
+            ctx.accept_errors.clone(),
             move |s, p, pod| proxy::inbound_passthrough::handle(c.clone(), s, p, pod),
         ));
         let c = ctx.clone();
         let tunnel = tokio::spawn(proxy::accept_loop(
             tunnel,
-            "inbound-tunnel",
+            proxy::Listener::Tunnel,
             pod.clone(),
+            ctx.accept_errors.clone(),
             move |s, p, pod| proxy::inbound::handle(c.clone(), s, p, pod),
         ));
         self.served.insert(
@@ -311,19 +324,22 @@ impl Enrollment {
     /// iptables rules from its netns, if an earlier agent left some (it crashed, or the
     /// pod left the mesh while no agent ran). Under eBPF the programs' maps are the
     /// agent's own, so there is nothing outside it to clear.
-    pub fn clear_stale(&mut self, pod: &str, netns: &std::path::Path) {
+    pub async fn clear_stale(&mut self, pod: &str, netns: &std::path::Path) {
         if self.served.contains_key(pod) || !matches!(self.redirection, Redirection::Iptables(_)) {
             return;
         }
-        let Ok(netns) = Netns::open(netns) else {
-            return;
-        };
-        match tokio::task::block_in_place(|| iptables::remove(&netns)) {
-            Ok(0) => {}
-            Ok(removed) => {
+        let netns = netns.to_owned();
+        let removed = blocking::run(move || {
+            let netns = Netns::open(netns).ok()?;
+            Some(iptables::remove(&netns))
+        });
+        match removed.await {
+            // The pod's netns is gone: nothing to clear.
+            None | Some(Ok(0)) => {}
+            Some(Ok(removed)) => {
                 tracing::info!(%pod, removed, "removed an earlier agent's iptables rules from a pod not in the mesh")
             }
-            Err(err) => {
+            Some(Err(err)) => {
                 tracing::warn!(%pod, error = %err, "cannot remove warren's iptables rules from a pod not in the mesh")
             }
         }
@@ -336,8 +352,8 @@ impl Enrollment {
 
     async fn enroll(&mut self, workload: &Arc<Workload>) -> Result<(), AgentError> {
         let prepared = prepare(workload, &self.trust_domain, &self.secrets).await?;
-        self.redirection.capture(&prepared)?;
-        self.serve(prepared);
+        let captured = self.redirection.capture(prepared).await?;
+        self.serve(captured);
         Ok(())
     }
 
@@ -347,7 +363,7 @@ impl Enrollment {
         let Some(served) = self.served.remove(name) else {
             return;
         };
-        match self.redirection.release(&served.pod) {
+        match self.redirection.release(&served.pod).await {
             Ok(()) => {
                 tracing::info!(pod = %name, "pod left the mesh: redirection removed, listeners closed; its open connections run to their end")
             }
@@ -377,13 +393,20 @@ pub async fn watch_config(path: PathBuf, loaded: Vec<u8>, mut enrollment: Enroll
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         interval.tick().await;
-        let now = std::fs::read(&path).ok();
+        let now = {
+            let path = path.clone();
+            blocking::run(move || std::fs::read(path).ok()).await
+        };
         if now == seen && complete {
             continue;
         }
         let changed = now != seen;
         seen = now;
-        match LocalConfig::load(&path) {
+        let loaded = {
+            let path = path.clone();
+            blocking::run(move || LocalConfig::load(&path)).await
+        };
+        match loaded {
             Ok(local) => {
                 if changed {
                     tracing::info!(path = %path.display(), "config reloaded");

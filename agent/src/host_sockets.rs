@@ -29,8 +29,13 @@ const NO_COOKIE: [u8; 8] = [0xff; 8];
 /// connection. Call it on a thread in the agent's own netns (the node's): the data-path
 /// workers always are, outside `Netns::run`.
 ///
-/// An error means the kernel could not be asked; callers treat that as "not the node"
-/// (fail closed: policy applies).
+/// It runs on the data-path worker that accepted the connection, for each plaintext
+/// connection from a node address: the kernel runs the lookup within the `send`, in the
+/// caller's context, and queues the answer before `send` returns, so the answer is read
+/// without waiting (`MSG_DONTWAIT`) — a few microseconds in all, never a stalled worker.
+///
+/// An error means the kernel could not be asked (or gave no answer); callers treat that
+/// as "not the node" (fail closed: policy applies).
 pub fn owns_connection(local: SocketAddr, remote: SocketAddr) -> io::Result<bool> {
     let (local, remote) = (canonical(local), canonical(remote));
     let family = match (local, remote) {
@@ -67,7 +72,7 @@ pub fn owns_connection(local: SocketAddr, remote: SocketAddr) -> io::Result<bool
     socket.connect(&netlink_sys::SocketAddr::new(0, 0))?;
     socket.send(&buf, 0)?;
     let mut answer = Vec::with_capacity(8192);
-    socket.recv(&mut answer, 0)?;
+    socket.recv(&mut answer, libc::MSG_DONTWAIT)?;
     let message = <NetlinkMessage<SockDiagMessage>>::deserialize(&answer).map_err(|err| {
         io::Error::new(
             io::ErrorKind::InvalidData,

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod blocking;
 pub mod ca_service;
 pub mod check;
 pub mod cni;
@@ -13,6 +14,7 @@ pub mod control;
 pub mod enrollment;
 pub mod host_sockets;
 pub mod identity;
+pub mod log_limit;
 pub mod log_output;
 pub mod metrics;
 pub mod netns;

@@ -14,7 +14,8 @@
 //!   the folded label set of its reporter, outcome and security, every other label
 //!   `unknown` (`warren_metric_series_dropped_total`).
 //! - warren's own: `warren_*` (enrolled pods, redirect mode, policy refusals, HBONE pool,
-//!   certificate expiry, TLS handshake errors by reason).
+//!   certificate expiry, TLS handshake errors by reason, listener limit refusals, failed
+//!   accepts by error).
 use std::{
     collections::HashSet,
     convert::Infallible,
@@ -318,6 +319,7 @@ pub struct Metrics {
     policy_refusals: IntCounterVec,
     handshake_errors: IntCounterVec,
     listener_limit_refusals: IntCounterVec,
+    accept_errors: IntCounterVec,
     log_lines_dropped: IntCounterVec,
     certificate_expiry: IntGaugeVec,
     policy_errors: IntGaugeVec,
@@ -404,6 +406,15 @@ impl Metrics {
             &["listener", "limit"],
         )?;
         registry.register(Box::new(listener_limit_refusals.clone()))?;
+        // Bounded: the three listeners times the five labels of `proxy::accept::AcceptError`.
+        let accept_errors = IntCounterVec::new(
+            Opts::new(
+                "warren_accept_errors_total",
+                "Failed accepts on the pods' listeners, by listener (port) and error: emfile (the agent is out of file descriptors: raise its LimitNOFILE), enfile (the node is: fs.file-max), enomem (kernel socket memory), aborted (one connection failed before it was accepted), other. All but aborted make the listener back off (up to 1 s) while new connections wait in the kernel's backlog.",
+            ),
+            &["listener", "error"],
+        )?;
+        registry.register(Box::new(accept_errors.clone()))?;
         // Bounded: the two output streams.
         let log_lines_dropped = IntCounterVec::new(
             Opts::new(
@@ -460,6 +471,7 @@ impl Metrics {
             policy_refusals,
             handshake_errors,
             listener_limit_refusals,
+            accept_errors,
             log_lines_dropped,
             certificate_expiry,
             policy_errors,
@@ -507,6 +519,14 @@ impl Metrics {
     pub fn listener_limit_refused(&self, listener: &str, limit: &str) {
         self.listener_limit_refusals
             .with_label_values(&[listener, limit])
+            .inc();
+    }
+
+    /// Count a failed accept on a listener; `error` from
+    /// [`crate::proxy::accept::AcceptError::label`].
+    pub fn accept_failed(&self, listener: &str, error: &str) {
+        self.accept_errors
+            .with_label_values(&[listener, error])
             .inc();
     }
 

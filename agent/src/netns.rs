@@ -3,7 +3,10 @@
 //! A socket belongs for life to the netns it was created in, so the agent serves every pod
 //! from one process: it switches the *current thread* into the pod's netns, creates the
 //! socket, and switches back before doing anything else (ztunnel's `InpodNetns::run`).
-//! The closure must not block or await.
+//! `setns` moves the calling thread only, so that has to happen on one thread in one go:
+//! the closure cannot await, and on a data-path worker it must not block either (work
+//! that does, like reading a netns's addresses for the /proc search, runs on a blocking
+//! thread: [`crate::blocking`]).
 use std::{
     fs::File,
     os::fd::{AsFd, AsRawFd},
@@ -63,7 +66,9 @@ impl Netns {
         &self.path
     }
 
-    /// Run `f` on the current thread while it is inside this netns.
+    /// Run `f` on the current thread while it is inside this netns. The thread returns to
+    /// the agent's netns when `f` ends, even by a panic: tokio keeps a thread whose task
+    /// panicked, and the next task on it must not open its sockets in this pod.
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> Result<T, NetnsError> {
         let home = HOME
             .get()
@@ -72,14 +77,8 @@ impl Netns {
             path: self.path.clone(),
             source,
         })?;
-        let out = f();
-        if let Err(err) = setns(home.as_fd(), CloneFlags::CLONE_NEWNET) {
-            // A worker thread stranded in a pod's netns would open later sockets in the
-            // wrong place; there is no safe way to continue.
-            eprintln!("fatal: cannot return to the agent's network namespace: {err}");
-            std::process::abort();
-        }
-        Ok(out)
+        let _home = ReturnHome(home);
+        Ok(f())
     }
 
     /// The kernel's cookie for this netns: what `bpf_get_netns_cookie()` returns for
@@ -111,6 +110,20 @@ impl Netns {
     }
 }
 
+/// Takes the current thread back to the agent's netns when dropped.
+struct ReturnHome(&'static File);
+
+impl Drop for ReturnHome {
+    fn drop(&mut self) {
+        if let Err(err) = setns(self.0.as_fd(), CloneFlags::CLONE_NEWNET) {
+            // A thread stranded in a pod's netns would open later sockets in the wrong
+            // place; there is no safe way to continue.
+            eprintln!("fatal: cannot return to the agent's network namespace: {err}");
+            std::process::abort();
+        }
+    }
+}
+
 /// The non-loopback addresses of the interfaces of the calling thread's netns (run it in
 /// a pod's with [`Netns::run`]).
 pub fn interface_addresses() -> nix::Result<Vec<std::net::IpAddr>> {
@@ -130,5 +143,37 @@ pub fn interface_addresses() -> nix::Result<Vec<std::net::IpAddr>> {
 impl AsFd for Netns {
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.file.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt as _;
+
+    use super::*;
+
+    fn current_netns() -> u64 {
+        std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino()
+    }
+
+    /// Needs root (a network namespace of the test's own, gone when its file closes).
+    #[test]
+    fn the_thread_returns_home_even_when_the_closure_panics() {
+        Netns::init_home().unwrap();
+        let home = current_netns();
+        let other = std::thread::spawn(|| {
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET).expect("unshare (run as root)");
+            Netns::open("/proc/thread-self/ns/net").unwrap()
+        })
+        .join()
+        .unwrap();
+        let other_inode = other.file.metadata().unwrap().ino();
+        assert_ne!(other_inode, home);
+
+        assert_eq!(other.run(current_netns).unwrap(), other_inode);
+        assert_eq!(current_netns(), home);
+        let panicked = std::panic::catch_unwind(|| other.run(|| panic!("inside the pod")));
+        assert!(panicked.is_err());
+        assert_eq!(current_netns(), home, "back home after the panic");
     }
 }

@@ -5,6 +5,12 @@
 //! | 15001 | [`outbound`]        | pod netns, `[::]` | the pod's own outbound TCP, redirected   |
 //! | 15006 | [`inbound_passthrough`] | pod netns, `[::]` | TCP to the pod's addresses, steered by sk_lookup or iptables |
 //! | 15008 | [`inbound`]         | pod netns, `[::]` | HBONE (HTTP/2 CONNECT over mTLS) from other agents |
+//!
+//! Each listener accepts through [`accept::accept_loop`]: a failed accept is counted,
+//! logged at most once a second and, when the next would fail too (out of file
+//! descriptors), waited out. 15006 and 15008 then admit each connection against the
+//! per-source [`limits`] before any other work.
+pub mod accept;
 pub mod access_log;
 pub mod hbone;
 pub mod inbound;
@@ -14,16 +20,12 @@ pub mod outbound;
 pub mod refusals;
 pub mod relay;
 
+pub use accept::accept_loop;
 pub(crate) use relay::relay;
 
-use std::{
-    collections::HashSet,
-    net::{IpAddr, SocketAddr},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::HashSet, net::IpAddr, sync::Arc, time::Duration};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use access_log::ConnectionRecord;
 use warren_common::{INBOUND_PLAINTEXT_PORT, INBOUND_TUNNEL_PORT, OUTBOUND_PORT};
@@ -54,8 +56,10 @@ pub struct ProxyContext {
     pub metrics: Arc<Metrics>,
     /// The last refusals by policy, for `/config_dump` and `warren status`.
     pub refusals: refusals::RecentRefusals,
-    /// What each client may hold of the tunnel listeners (15008).
-    pub tunnel_admission: Arc<limits::TunnelAdmission>,
+    /// What each client may hold of the tunnel (15008) and plaintext (15006) listeners.
+    pub admission: Arc<limits::ListenerAdmission>,
+    /// Failed accepts on every pod's listeners: counted, and logged once a second.
+    pub accept_errors: Arc<accept::AcceptErrors>,
     /// A proxied connection on which no byte moved either way for this long is closed
     /// (reset), as Istio's TCP idle timeout does (`--idle-timeout`, 1 h).
     pub idle_timeout: Duration,
@@ -119,6 +123,54 @@ impl Pod {
     }
 }
 
+/// The three listeners of every enrolled pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Listener {
+    /// 15001: the pod's own outbound connections.
+    Outbound,
+    /// 15006: plain TCP to the pod.
+    Plaintext,
+    /// 15008: HBONE tunnels to the pod.
+    Tunnel,
+}
+
+impl Listener {
+    pub fn port(self) -> u16 {
+        match self {
+            Listener::Outbound => OUTBOUND_PORT,
+            Listener::Plaintext => INBOUND_PLAINTEXT_PORT,
+            Listener::Tunnel => INBOUND_TUNNEL_PORT,
+        }
+    }
+
+    /// The `listener` label of the agent's metrics: the port.
+    pub fn label(self) -> &'static str {
+        match self {
+            Listener::Outbound => "15001",
+            Listener::Plaintext => "15006",
+            Listener::Tunnel => "15008",
+        }
+    }
+
+    /// Its name in log lines.
+    pub fn name(self) -> &'static str {
+        match self {
+            Listener::Outbound => "outbound",
+            Listener::Plaintext => "inbound-plaintext",
+            Listener::Tunnel => "inbound-tunnel",
+        }
+    }
+
+    /// What it carries, for log lines ("tunnel connections refused").
+    pub fn traffic(self) -> &'static str {
+        match self {
+            Listener::Outbound => "outbound",
+            Listener::Plaintext => "plaintext",
+            Listener::Tunnel => "tunnel",
+        }
+    }
+}
+
 /// The agent's own ports: a connection *to* one of them through a capture path would loop.
 pub fn is_agent_port(port: u16) -> bool {
     matches!(
@@ -147,28 +199,15 @@ pub fn reset(mut stream: TcpStream) {
     drop(stream);
 }
 
-/// Accept forever on `listener`, handing each connection to `handle`.
-pub async fn accept_loop<F, Fut>(
-    listener: TcpListener,
-    name: &'static str,
-    pod: Arc<Pod>,
-    handle: F,
-) where
-    F: Fn(TcpStream, SocketAddr, Arc<Pod>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                // Listeners are dual-stack: show IPv4 peers as IPv4, not ::ffff:a.b.c.d.
-                let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-                tokio::spawn(handle(stream, peer, pod.clone()));
-            }
-            Err(err) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(listener = name, pod = %pod.workload, error = %err, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listeners_metric_label_is_its_port() {
+        for listener in [Listener::Outbound, Listener::Plaintext, Listener::Tunnel] {
+            assert_eq!(listener.label(), listener.port().to_string());
+            assert!(is_agent_port(listener.port()));
         }
     }
 }

@@ -18,7 +18,9 @@
 //!   earlier search) is nobody else's: it is left out of the search.
 //!
 //! [`match_pods`] is the matching alone, pure; [`find_sandboxes`] feeds it the node's
-//! namespaces.
+//! namespaces. That search blocks — it walks /proc and enters every network namespace of
+//! the node — so the agent runs it on a blocking thread, never on a data-path worker
+//! ([`crate::blocking`]).
 use std::{
     collections::{BTreeMap, HashSet},
     fmt,

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 
 use super::{Enrollment, POLL_INTERVAL};
 use crate::{
+    blocking,
     cni::{
         procfs,
         protocol::{PodSandbox, Reply, Request},
@@ -88,14 +89,18 @@ impl ClusterSource {
     /// Look for `pods`' network namespaces in /proc and record those found. The
     /// namespaces of the sandboxes already known (from `warren-cni`, or an earlier
     /// search) are nobody else's and are not searched; a pod whose namespace cannot be
-    /// told (see [`procfs`]) is refused: logged, not recorded, so not served.
-    pub fn find_running(&mut self, pods: &[Arc<Workload>]) {
+    /// told (see [`procfs`]) is refused: logged, not recorded, so not served. The search
+    /// enters every network namespace of the node: it runs on a blocking thread
+    /// ([`crate::blocking`]).
+    pub async fn find_running(&mut self, pods: &[Arc<Workload>]) {
         let claimed: Vec<PathBuf> = self
             .sandboxes
             .iter()
             .map(|sandbox| procfs::on_node(&self.proc_root, &sandbox.netns))
             .collect();
-        let found = procfs::find_sandboxes(&self.proc_root, pods, &claimed);
+        let (proc_root, pods) = (self.proc_root.clone(), pods.to_vec());
+        let found =
+            blocking::run(move || procfs::find_sandboxes(&proc_root, &pods, &claimed)).await;
         for refused in &found.refused {
             tracing::error!(pod = refused.pod(), reason = %refused, "refusing to serve a pod found in /proc: its network namespace cannot be told, so it is not captured (if it was, it stays failed closed) until warren-cni reports its sandbox (restart the pod) or the extra addresses are removed");
         }
@@ -199,9 +204,14 @@ impl Follower {
     async fn apply(&mut self) -> BTreeMap<String, String> {
         let source = &mut self.source;
         let state = source.control.current();
-        if let Err(err) =
-            server::write_mesh_namespaces(&source.cni_socket, &state.config.mesh_namespaces)
-        {
+        let written = {
+            let (socket, namespaces) = (
+                source.cni_socket.clone(),
+                state.config.mesh_namespaces.clone(),
+            );
+            blocking::run(move || server::write_mesh_namespaces(&socket, &namespaces)).await
+        };
+        if let Err(err) = written {
             tracing::warn!(error = %err, "cannot write the mesh namespaces for warren-cni; while the agent is down it treats every pod as a mesh pod");
         }
         self.policy.replace(state.policies.clone());
@@ -235,7 +245,7 @@ impl Follower {
             .as_ref()
             .is_none_or(|(at, scanned)| *scanned != names || at.elapsed() >= PROC_RESCAN);
         if !missing.is_empty() && due {
-            source.find_running(&missing);
+            source.find_running(&missing).await;
             source.last_proc_scan = Some((std::time::Instant::now(), names));
         }
 
@@ -257,7 +267,7 @@ impl Follower {
                     .checked
                     .insert((name.clone(), workload.netns.clone()))
             {
-                self.enrollment.clear_stale(&name, &workload.netns);
+                self.enrollment.clear_stale(&name, &workload.netns).await;
             }
         }
         let sandboxes = &source.sandboxes;

@@ -80,7 +80,12 @@ pub async fn watch(
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         interval.tick().await;
-        let now = match PolicyFiles::read(&path) {
+        // A read of every file of the path: on a blocking thread, off the data path.
+        let read = {
+            let path = path.clone();
+            crate::blocking::run(move || PolicyFiles::read(&path)).await
+        };
+        let now = match read {
             Ok(files) => files,
             Err(err) => {
                 if !read_failed {
@@ -320,5 +325,33 @@ mod tests {
         std::fs::remove_dir_all(&path).unwrap();
         settle().await;
         assert_eq!(shared.current().peer_authentications().len(), 1);
+    }
+
+    /// A policy path whose read blocks (a FIFO here; a hung network mount in life) holds
+    /// a blocking thread, not a worker: on a runtime of one worker, other tasks still run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_read_that_blocks_does_not_hold_the_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.yaml");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let shared = SharedPolicy::new(PolicySet::new(PolicyConfig::default(), []));
+        // The first poll is at once: it opens the FIFO and waits for a writer.
+        let watching = tokio::spawn(watch(
+            path.clone(),
+            PolicyConfig::default(),
+            shared.clone(),
+            PolicyFiles::default(),
+        ));
+        std::thread::sleep(Duration::from_millis(200));
+        let (ran, other_task) = std::sync::mpsc::channel();
+        tokio::spawn(async move { ran.send(()).unwrap() });
+        let other_task_ran = other_task.recv_timeout(Duration::from_secs(2)).is_ok();
+
+        // Unblock the read, and leave a plain file for the polls to come.
+        std::fs::write(&path, STRICT).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, STRICT).unwrap();
+        assert!(other_task_ran, "a task waited for the policy read");
+        watching.abort();
     }
 }

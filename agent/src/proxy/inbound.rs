@@ -28,7 +28,7 @@ pub async fn handle(ctx: Arc<ProxyContext>, tcp: TcpStream, peer: SocketAddr, po
         return;
     }
     // Admitted against the listener limits before any TLS work: over a limit, reset.
-    let Ok(mut admission) = ctx.tunnel_admission.admit(pod.netns_cookie, peer.ip()) else {
+    let Ok(mut admission) = ctx.admission.admit_tunnel(pod.netns_cookie, peer.ip()) else {
         super::reset(tcp);
         return;
     };

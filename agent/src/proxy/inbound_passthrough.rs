@@ -5,13 +5,24 @@
 //! [`crate::host_sockets`]) are always delivered; traffic the node only forwards and
 //! masquerades (NodePort, LoadBalancer, hostPort) comes from the same address and meets
 //! policy like any other client.
+//!
+//! Before anything else — the app is not dialled yet — a connection is admitted against
+//! `--max-plaintext-connections-per-source` ([`super::limits`]), so that one host's
+//! thousands of idle connections (a slowloris) are bounded: over it, the connection is
+//! reset, counted in `warren_listener_limit_refusals_total{listener="15006"}` and given
+//! no access record. The node's own connections are not counted: forwarded traffic
+//! arrives from the same node address, and if the kubelet's probes shared its budget, a
+//! flood through a NodePort would fail the pods' liveness probes and have them
+//! restarted. They are few and the kubelet's own, so nothing is lost by not counting them.
 use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpStream;
 
 use super::{
     access_log::{new_connection_id, ConnectionRecord, Direction},
-    is_agent_port, refused_by_policy, relay, reset, Pod, ProxyContext,
+    is_agent_port,
+    limits::{Admission, Limit, ListenerAdmission},
+    refused_by_policy, relay, reset, Pod, ProxyContext,
 };
 use crate::policy::{ConnectionInfo, Decision, PolicyRef};
 use crate::socket::connect_from;
@@ -29,6 +40,12 @@ pub async fn handle(
             return;
         }
     };
+    let by_node = originated_by_node(&ctx, peer, dst);
+    // Held until the connection ends; over the limit, reset before the app is dialled.
+    let Ok(_admission) = admit(&ctx.admission, by_node, peer) else {
+        reset(downstream);
+        return;
+    };
     let mut record = ConnectionRecord::new(new_connection_id(), Direction::Inbound, dst);
     record.src_addr = Some(peer.to_string());
     record.src_workload = ctx.workloads.current().by_ip(peer.ip()).cloned();
@@ -43,7 +60,7 @@ pub async fn handle(
         reset(downstream);
         return;
     }
-    if !originated_by_node(&ctx, peer, dst) {
+    if !by_node {
         if let Some((policy, reason)) = refusal(&ctx, &pod, peer, dst) {
             refused_by_policy(&ctx, &mut record, &policy, &reason);
             record.emit(&ctx.metrics);
@@ -70,6 +87,21 @@ pub async fn handle(
     if failed {
         reset(downstream);
     }
+}
+
+/// Admit a connection from `peer` against the per-source limit of the plaintext
+/// listeners, unless the node itself opened it (`by_node`): the kubelet's probes are
+/// never refused, however much the node forwards from the same address. `Ok(None)`:
+/// admitted without being counted.
+fn admit(
+    admission: &Arc<ListenerAdmission>,
+    by_node: bool,
+    peer: SocketAddr,
+) -> Result<Option<Admission>, Limit> {
+    if by_node {
+        return Ok(None);
+    }
+    admission.admit_plaintext(peer.ip()).map(Some)
 }
 
 /// Why a plaintext connection to `dst` is not delivered whatever the policy, if so.
@@ -134,5 +166,43 @@ fn refusal(
     match policy.authorize(&pod.workload, &connection) {
         Decision::Allow => None,
         Decision::Deny { policy, reason } => Some((policy, reason)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        metrics::Metrics,
+        proxy::{
+            hbone,
+            limits::{PlaintextLimits, TunnelLimits},
+        },
+    };
+
+    #[test]
+    fn the_nodes_own_connections_are_not_counted_and_forwarded_ones_are() {
+        let metrics = Arc::new(Metrics::new(hbone::Pool::new(Default::default())).unwrap());
+        let limits = PlaintextLimits {
+            connections_per_source: 2,
+        };
+        let admission = ListenerAdmission::new(TunnelLimits::default(), limits, metrics);
+        let node: SocketAddr = "192.168.1.1:40000".parse().unwrap();
+        // Forwarded traffic (a NodePort) from the node's address uses up its budget.
+        let forwarded: Vec<_> = (0..2)
+            .map(|_| admit(&admission, false, node).unwrap())
+            .collect();
+        assert!(forwarded.iter().all(Option::is_some));
+        assert_eq!(
+            admit(&admission, false, node).unwrap_err(),
+            Limit::ConnectionsPerSource
+        );
+        // The kubelet's probes still get through, and take nothing.
+        for _ in 0..10 {
+            assert!(admit(&admission, true, node).unwrap().is_none());
+        }
+        assert_eq!(admission.held(), (2, 0));
+        drop(forwarded);
+        assert_eq!(admission.held(), (0, 0));
     }
 }

@@ -24,6 +24,11 @@
 //! gives the same rules; the jumps from the built-in chains are added only when
 //! `iptables-save` shows them missing.
 //!
+//! Each batch runs the tools as child processes and waits for them (hundreds of
+//! milliseconds on a node with a big ruleset): while the agent serves, it calls them on
+//! a blocking thread ([`crate::blocking`]). The child enters the pod's netns itself
+//! (`pre_exec`), so any thread of the agent can run them.
+//!
 //! Both iptables backends are supported: `nft` (iptables-nft, the default of current
 //! distributions) and `legacy` (x_tables). Rules of one backend are invisible to the
 //! other's tools, so the agent uses the one the node's own rules (kube-proxy, the CNI)

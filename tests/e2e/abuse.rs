@@ -11,7 +11,7 @@ use anyhow::{ensure, Context as _, Result};
 use serde_json::Value;
 use warren_lab::{AppMode, ConnectOptions, Family, Lab, LoadOptions};
 
-use crate::support::{ensure_ok, metric_value, metrics_page};
+use crate::support::{client_certificate, ensure_ok, metric_value, metrics_page};
 
 pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
     (
@@ -19,6 +19,10 @@ pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
         idle_connections_to_15008_are_bounded,
     ),
     ("abuse::resets_stay_resets", resets_stay_resets),
+    (
+        "abuse::a_peer_that_stops_reading_is_bounded",
+        a_peer_that_stops_reading_is_bounded,
+    ),
     (
         "abuse::stalled_access_log_does_not_stop_traffic",
         stalled_access_log_does_not_stop_traffic,
@@ -87,6 +91,98 @@ fn idle_connections_to_15008_are_bounded(lab: &Lab) -> Result<()> {
     drop(flood.stdin.take());
     let _ = flood.kill();
     let _ = flood.wait();
+    result
+}
+
+/// Streams one HBONE peer asks for on one connection.
+const STALLED_STREAMS: usize = 512;
+/// What n2's agent may grow by while that peer stalls: the h2 send buffers of the
+/// streams it was granted (100 × 64 KiB = 6.25 MiB, `hbone::tuning`), the relays' and
+/// connections' bookkeeping, and allocator slack. Before the bound, 512 streams × 512 KiB
+/// of send buffer could pin 256 MiB.
+const STALLED_RSS_BOUND_KIB: u64 = 24 * 1024;
+
+/// One HBONE peer with a valid identity opens 512 CONNECT streams at once to a source
+/// that writes forever, grants 2 GiB windows, and never reads: the agent accepts the
+/// 100 streams it allows a connection and refuses the rest (`REFUSED_STREAM`), reads
+/// from each source only what h2 has room to send, so its memory grows by a few MiB,
+/// and a mesh client is served meanwhile.
+fn a_peer_that_stops_reading_is_bounded(lab: &Lab) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (cert, key) = client_certificate(
+        dir.path(),
+        &lab.ca_dir(),
+        "spiffe://cluster.local/ns/shop/sa/cart",
+        1,
+    )?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/abuse/stalled_reader.py");
+    let echo = lab.serve("demo/server", 0, AppMode::Echo)?;
+    let pid = lab.agent_pid("n2").context("n2's agent is not running")?;
+    let mut source = lab
+        .command("demo/server", "python3")?
+        .arg(&script)
+        .arg("source")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting stalled_reader.py source")?;
+    let mut peer: Option<std::process::Child> = None;
+    let result = (|| -> Result<()> {
+        let mut line = String::new();
+        BufReader::new(source.stdout.as_mut().context("source stdout")?).read_line(&mut line)?;
+        let port: Value = serde_json::from_str(&line).with_context(|| format!("{line:?}"))?;
+        let port = port["listening"].as_u64().context("no listening port")? as u16;
+        let authority = lab.pod("demo/server").addr(Family::V4, port);
+        let before = rss_kib(pid)?;
+        let child = peer.insert(
+            lab.command("outside", "python3")?
+                .arg(&script)
+                .arg("peer")
+                .args(["--tunnel", &format!("{}:15008", authority.ip())])
+                .args(["--authority", &authority.to_string()])
+                .args(["--forwarded-for", &lab.outside_ip(Family::V4).to_string()])
+                .args(["--server-id", crate::interop::SERVER_ID])
+                .args(["--streams", &STALLED_STREAMS.to_string()])
+                .arg("--cert")
+                .arg(&cert)
+                .arg("--key")
+                .arg(&key)
+                .arg("--ca")
+                .arg(lab.ca_dir().join("root-cert.pem"))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .context("starting stalled_reader.py peer")?,
+        );
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().context("peer stdout")?).read_line(&mut line)?;
+        let report: Value =
+            serde_json::from_str(&line).with_context(|| format!("peer report: {line:?}"))?;
+        ensure!(
+            report["accepted"] == 100 && report["refused"] == STALLED_STREAMS - 100,
+            "n2 should accept 100 streams on the connection and refuse the rest: {report}"
+        );
+        // Let the sources fill every buffer they are allowed to.
+        std::thread::sleep(Duration::from_secs(3));
+        let during = rss_kib(pid)?;
+        ensure!(
+            during.saturating_sub(before) < STALLED_RSS_BOUND_KIB,
+            "n2's agent grew from {before} KiB to {during} KiB under a peer that stopped \
+             reading {STALLED_STREAMS} streams (bound {STALLED_RSS_BOUND_KIB} KiB)"
+        );
+        let dst = lab.pod("demo/server").addr(Family::V4, echo.port());
+        ensure_ok(
+            &lab.connect("demo/client", dst, AppMode::Echo, 64 * 1024)?,
+            "a mesh client while a peer stalls its streams",
+        )
+    })();
+    if let Some(mut peer) = peer {
+        drop(peer.stdin.take());
+        let _ = peer.kill();
+        let _ = peer.wait();
+    }
+    let _ = source.kill();
+    let _ = source.wait();
     result
 }
 

@@ -39,7 +39,7 @@ pub const SCENARIOS: &[(&str, crate::Scenario)] = &[
 
 pub(crate) const CLIENT_POD: &str = "legacy/client";
 pub(crate) const CLIENT_ID: &str = "spiffe://cluster.local/ns/legacy/sa/default";
-const SERVER_ID: &str = "spiffe://cluster.local/ns/demo/sa/server";
+pub(crate) const SERVER_ID: &str = "spiffe://cluster.local/ns/demo/sa/server";
 
 /// The Python client's CONNECT is accepted for the identity its certificate proves: the
 /// echo comes back byte-exact through `demo/server`'s agent, whose access record names

@@ -92,12 +92,17 @@ pub(crate) mod tuning {
     pub const MAX_FRAME_SIZE: u32 = 16 * 1024;
     /// Our headers are a handful of short fields.
     pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
-    /// Bytes a stream may hand h2 before the connection task has written them out; more
-    /// did not help throughput in the same measurement, and it is memory per stream.
-    pub const MAX_SEND_BUFFER: usize = 512 * 1024;
-    /// Streams a server accepts on one connection; our pool opens at most
-    /// `PoolConfig::max_streams_per_connection` (default 100).
-    pub const SERVER_MAX_CONCURRENT_STREAMS: u32 = 512;
+    /// Bytes a stream may hand h2 before the connection task has written them out, or
+    /// while the peer grants no window. The relay reads from the application only as
+    /// much as h2 has room for, so this is all a peer that stops reading can pin per
+    /// stream: with [`SERVER_MAX_CONCURRENT_STREAMS`] streams, 100 × 64 KiB = 6.25 MiB per
+    /// HBONE connection (512 KiB pinned 50 MiB). See docs/performance.md for what the
+    /// smaller buffer costs in throughput.
+    pub const MAX_SEND_BUFFER: usize = 64 * 1024;
+    /// Streams a peer may open on one connection. ztunnel and our own pool
+    /// (`PoolConfig::max_streams_per_connection`) open at most 100 and then dial a new
+    /// connection, so more only lets one peer multiply what it can pin (above).
+    pub const SERVER_MAX_CONCURRENT_STREAMS: u32 = 100;
     /// Framing-overhead budget for small DATA frames the application has not read yet,
     /// in h2's unit (each frame under 256 bytes costs `256 - len`). h2's default (half the
     /// connection window) lets a chatty writer facing a slow reader kill the whole

@@ -7,6 +7,9 @@
 //!
 //! - a TCP socket is read only once it is readable, into a buffer allocated for that
 //!   read ([`READ_CHUNK`]): an idle connection holds no buffer at all;
+//! - and only as much as the other end has room for ([`ChunkWrite::room`]): a tunnel
+//!   stream whose peer stopped reading stops the relay from reading, so what a stalled
+//!   stream pins is h2's bounded send buffer, not a chunk more;
 //! - what was read goes on as `Bytes`, without a copy: into h2 DATA frames, or to the
 //!   other socket;
 //! - DATA frames that arrived together go to the socket in one `writev`.
@@ -45,9 +48,19 @@ const MAX_IOV: usize = 64;
 
 /// Where a relay reads from, in chunks.
 pub(crate) trait ChunkRead {
+    /// Wait until a read would not block: bytes, the end of the stream or an error wait.
+    /// The relay asks the other end for room only then, so an idle connection reserves
+    /// nothing.
+    async fn ready(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
     /// Wait for bytes and append at least one non-empty chunk to `chunks`; `false` at the
-    /// end of the stream (nothing appended).
-    async fn read_chunks(&mut self, chunks: &mut VecDeque<Bytes>) -> io::Result<bool>;
+    /// end of the stream (nothing appended). A reader that allocates for the read takes
+    /// at most `limit` bytes (what the writer has room for); one that hands out what it
+    /// already holds (h2 frames, inside their flow-control window) may ignore it.
+    async fn read_chunks(&mut self, chunks: &mut VecDeque<Bytes>, limit: usize)
+        -> io::Result<bool>;
 
     /// `n` bytes read from here were written to the other end.
     fn consumed(&mut self, _n: usize) {}
@@ -55,6 +68,14 @@ pub(crate) trait ChunkRead {
 
 /// Where a relay writes to.
 pub(crate) trait ChunkWrite {
+    /// Wait until this end can take bytes without queueing them, and say how many (at
+    /// most `wanted`). A tunnel stream answers with the send capacity h2 granted, so when
+    /// its peer stops reading, the relay stops reading too instead of holding a chunk it
+    /// cannot send: what one stalled stream pins is h2's bounded send buffer, no more.
+    async fn room(&mut self, wanted: usize) -> io::Result<usize> {
+        Ok(wanted)
+    }
+
     /// Write every chunk, emptying `chunks`.
     async fn write_chunks(&mut self, chunks: &mut VecDeque<Bytes>) -> io::Result<()>;
 
@@ -177,7 +198,12 @@ async fn copy_one_way<R: ChunkRead, W: ChunkWrite>(
     activity: &Activity,
 ) -> io::Result<()> {
     let mut chunks = VecDeque::new();
-    while from.read_chunks(&mut chunks).await? {
+    loop {
+        from.ready().await?;
+        let limit = to.room(READ_CHUNK).await?;
+        if !from.read_chunks(&mut chunks, limit).await? {
+            break;
+        }
         activity.touch();
         let n: usize = chunks.iter().map(Bytes::len).sum();
         to.write_chunks(&mut chunks).await?;
@@ -188,8 +214,16 @@ async fn copy_one_way<R: ChunkRead, W: ChunkWrite>(
 }
 
 impl<T: ChunkRead> ChunkRead for &mut T {
-    async fn read_chunks(&mut self, chunks: &mut VecDeque<Bytes>) -> io::Result<bool> {
-        (**self).read_chunks(chunks).await
+    async fn ready(&mut self) -> io::Result<()> {
+        (**self).ready().await
+    }
+
+    async fn read_chunks(
+        &mut self,
+        chunks: &mut VecDeque<Bytes>,
+        limit: usize,
+    ) -> io::Result<bool> {
+        (**self).read_chunks(chunks, limit).await
     }
 
     fn consumed(&mut self, n: usize) {
@@ -198,6 +232,10 @@ impl<T: ChunkRead> ChunkRead for &mut T {
 }
 
 impl<T: ChunkWrite> ChunkWrite for &mut T {
+    async fn room(&mut self, wanted: usize) -> io::Result<usize> {
+        (**self).room(wanted).await
+    }
+
     async fn write_chunks(&mut self, chunks: &mut VecDeque<Bytes>) -> io::Result<()> {
         (**self).write_chunks(chunks).await
     }
@@ -228,14 +266,25 @@ impl Duplex for TcpStream {
 }
 
 impl ChunkRead for &TcpStream {
-    async fn read_chunks(&mut self, chunks: &mut VecDeque<Bytes>) -> io::Result<bool> {
+    async fn ready(&mut self) -> io::Result<()> {
+        self.readable().await
+    }
+
+    async fn read_chunks(
+        &mut self,
+        chunks: &mut VecDeque<Bytes>,
+        limit: usize,
+    ) -> io::Result<bool> {
         loop {
             self.readable().await?;
-            // Allocated only now that there is something to read.
-            let mut buf = BytesMut::with_capacity(READ_CHUNK);
+            // Allocated only now that there is something to read, and only as much as
+            // the other end has room for.
+            let mut buf = BytesMut::with_capacity(limit.clamp(1, READ_CHUNK));
             match self.try_read_buf(&mut buf) {
                 Ok(0) => return Ok(false),
-                Ok(n) if n < SMALL_READ => chunks.push_back(Bytes::copy_from_slice(&buf)),
+                Ok(n) if n < SMALL_READ.min(buf.capacity()) => {
+                    chunks.push_back(Bytes::copy_from_slice(&buf))
+                }
                 Ok(_) => chunks.push_back(buf.freeze()),
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(err) => return Err(err),

@@ -135,7 +135,11 @@ impl HboneReader {
 impl ChunkRead for HboneReader {
     /// Waits for one frame, then takes the frames h2 already holds, up to
     /// [`MAX_READ_BATCH`] bytes, so that one write to the application carries them all.
-    async fn read_chunks(&mut self, chunks: &mut VecDeque<Bytes>) -> io::Result<bool> {
+    async fn read_chunks(
+        &mut self,
+        chunks: &mut VecDeque<Bytes>,
+        _limit: usize,
+    ) -> io::Result<bool> {
         if !self.unread.is_empty() {
             chunks.push_back(std::mem::take(&mut self.unread));
         } else {
@@ -249,6 +253,14 @@ impl HboneWriter {
 }
 
 impl ChunkWrite for HboneWriter {
+    /// The send capacity h2 grants this stream: within the peer's windows and h2's send
+    /// buffer ([`super::tuning::MAX_SEND_BUFFER`]), so a peer that stops reading holds
+    /// the relay here, before it reads more from the application.
+    async fn room(&mut self, wanted: usize) -> io::Result<usize> {
+        self.check_open()?;
+        poll_fn(|cx| self.poll_granted(cx, wanted)).await
+    }
+
     /// The chunks go to h2 as they are (no copy), as fast as the peer's window allows.
     async fn write_chunks(&mut self, chunks: &mut VecDeque<Bytes>) -> io::Result<()> {
         self.check_open()?;
@@ -260,6 +272,11 @@ impl ChunkWrite for HboneWriter {
             if chunk.is_empty() {
                 chunks.pop_front();
             }
+        }
+        // Capacity granted for a read that came back short: give it back to the
+        // connection, or an idle stream would sit on part of the peer's window.
+        if self.send.capacity() > 0 {
+            self.send.reserve_capacity(0);
         }
         Ok(())
     }

@@ -753,3 +753,126 @@ async fn relay_carries_tcp_through_a_tunnel_both_ways() {
     let counts = relay.await.unwrap().expect("source relay");
     assert_eq!(counts, (upload.len() as u64, answer.len() as u64));
 }
+
+/// A peer opens streams to an application that writes without end, takes the answers,
+/// then never reads again while its windows say "send all you like": what the agent takes
+/// from the application — and so holds — stays within h2's send buffer per stream
+/// ([`super::tuning::MAX_SEND_BUFFER`]); the relay stops reading from the application
+/// when the stream has no room, instead of holding a chunk it cannot send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_reading_pins_at_most_the_send_buffer_per_stream() {
+    use crate::proxy::relay::copy_both_ways;
+    use std::{os::fd::AsRawFd as _, pin::pin};
+    const STREAMS: usize = 32;
+
+    // The application: once told to go, writes on every connection until the write
+    // fails. `written` counts what it wrote; `sockets` the kernel's queues on both sides,
+    // so that what the agent read is exactly `written` minus what the queues still hold.
+    let (go, wait_for_go) = tokio::sync::watch::channel(false);
+    let written = Arc::new(AtomicUsize::new(0));
+    let sockets = Arc::new(Mutex::new(Vec::new()));
+    let app = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_addr = app.local_addr().unwrap();
+    tokio::spawn({
+        let (written, sockets) = (Arc::clone(&written), Arc::clone(&sockets));
+        async move {
+            loop {
+                let (mut stream, _) = app.accept().await.unwrap();
+                sockets
+                    .lock()
+                    .unwrap()
+                    .push((libc::TIOCOUTQ, stream.as_raw_fd()));
+                let written = Arc::clone(&written);
+                let mut wait_for_go = wait_for_go.clone();
+                tokio::spawn(async move {
+                    wait_for_go.wait_for(|go| *go).await.unwrap();
+                    let block = pattern(3, 16 * 1024);
+                    while let Ok(n) = stream.write(&block).await {
+                        written.fetch_add(n, Ordering::SeqCst);
+                    }
+                    std::future::pending::<()>().await;
+                });
+            }
+        }
+    });
+    let (client, server) = tokio::io::duplex(PIPE);
+    tokio::spawn(serve(server, {
+        let sockets = Arc::clone(&sockets);
+        move |request: InboundRequest| {
+            let sockets = Arc::clone(&sockets);
+            async move {
+                let mut upstream = TcpStream::connect(app_addr).await.unwrap();
+                sockets
+                    .lock()
+                    .unwrap()
+                    .push((libc::FIONREAD, upstream.as_raw_fd()));
+                let mut tunnel = request.accept(&Baggage::default()).expect("accept");
+                let _ = copy_both_ways(&mut tunnel, &mut upstream).await;
+                std::future::pending::<()>().await;
+            }
+        }
+    }));
+    let read_by_agent = || {
+        let queued: usize = sockets
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|&(request, fd)| {
+                let mut queued: libc::c_int = 0;
+                // SAFETY: both ioctls write one int; the fds live until the test ends.
+                assert_eq!(unsafe { libc::ioctl(fd, request, &mut queued) }, 0);
+                queued as usize
+            })
+            .sum();
+        written.load(Ordering::SeqCst) - queued
+    };
+
+    // The peer: windows as large as HTTP/2 allows.
+    let (sender, connection) = h2::client::Builder::new()
+        .initial_window_size(i32::MAX as u32)
+        .initial_connection_window_size(i32::MAX as u32)
+        .handshake::<_, bytes::Bytes>(client)
+        .await
+        .unwrap();
+    let mut connection = pin!(connection);
+    let mut open = Vec::new();
+    for i in 0..STREAMS {
+        let head = Request::builder()
+            .method(Method::CONNECT)
+            .uri(format!("10.0.0.2:{}", 1000 + i))
+            .body(())
+            .unwrap();
+        let mut sender = tokio::select! {
+            ready = sender.clone().ready() => ready.unwrap(),
+            _ = &mut connection => panic!("the connection ended"),
+        };
+        let (response, send) = sender.send_request(head, false).unwrap();
+        let response = tokio::select! {
+            response = response => response.unwrap(),
+            _ = &mut connection => panic!("the connection ended"),
+        };
+        assert_eq!(response.status(), StatusCode::OK);
+        open.push((response, send));
+    }
+    // From here on nobody polls `connection`: the peer reads nothing more. Now the
+    // application writes; wait until the agent stops taking bytes.
+    go.send_replace(true);
+    let mut last = 0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = read_by_agent();
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    // What crossed into the pipe before it filled is not the agent's.
+    let per_stream = last.saturating_sub(PIPE) / STREAMS;
+    // The frame headers in the pipe take a few bytes of it.
+    assert!(
+        per_stream <= super::tuning::MAX_SEND_BUFFER + 1024,
+        "the agent took {per_stream} bytes per stream from the application (bound: {})",
+        super::tuning::MAX_SEND_BUFFER
+    );
+    drop(open);
+}
